@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from shared.settings import CommaList, SharedSettings, split_commas
+
+
+class GatewaySettings(SharedSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # `tenant:key` pairs; a tenant may hold several keys (rotation).
+    api_keys: CommaList = []
+    # Longest a client may hold a request open waiting for a job (`?wait=`,
+    # `Prefer: wait=`); the synchronous chat endpoint waits up to sync_timeout.
+    max_wait_seconds: float = Field(default=60.0, gt=0)
+    sync_timeout: float = Field(default=600.0, gt=0)
+
+    _split_keys = field_validator("api_keys", mode="before")(split_commas)

@@ -1,0 +1,38 @@
+"""Typed access to the app's resources from route handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+
+from api_gateway.auth import KeyRing
+from api_gateway.config import GatewaySettings
+from api_gateway.events import JobEvents
+from api_gateway.submit import Submitter
+from shared.store import AsyncJobStore
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    redis: Any
+    store: AsyncJobStore
+    events: JobEvents
+    keyring: KeyRing
+    submitter: Submitter
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.vlmq
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+def authenticate(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    return state.keyring.tenant_for(authorization)
+
+
+TenantDep = Annotated[str, Depends(authenticate)]

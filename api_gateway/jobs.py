@@ -1,0 +1,106 @@
+"""The job routes: submit, read (long-poll), cancel, list."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from api_gateway.deps import StateDep, TenantDep
+from shared.errors import InvalidRequestError, NotFoundError
+from shared.schemas import JobCreate, JobList, JobPublic, JobStatus
+from shared.store import JobRecord
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)")
+
+
+def prefer_wait(prefer: str | None) -> float | None:
+    """Seconds asked for by an RFC 7240 `Prefer: wait=N` header."""
+    if not prefer:
+        return None
+    match = _PREFER_WAIT.search(prefer)
+    return float(match.group(1)) if match else None
+
+
+async def owned_job(state: StateDep, tenant: str, job_id: str) -> JobRecord:
+    record = await state.store.get(job_id)
+    # Another tenant's job answers exactly like a missing one: ids leak nothing.
+    if record is None or record.tenant != tenant:
+        raise NotFoundError(
+            f"No job '{job_id}' (unknown, another tenant's, or expired after its result TTL).", param="job_id"
+        )
+    return record
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+async def create_job(
+    body: JobCreate,
+    state: StateDep,
+    tenant: TenantDep,
+    response: Response,
+    prefer: Annotated[str | None, Header()] = None,
+) -> JobPublic:
+    record = await state.submitter.submit(tenant, body)
+    response.headers["Location"] = f"/v1/jobs/{record.id}"
+    wait = prefer_wait(prefer)
+    if wait:
+        finished = await state.events.wait_terminal(state.store, record.id, min(wait, state.settings.max_wait_seconds))
+        if finished is not None:
+            record = finished
+            if record.status.terminal:
+                response.status_code = status.HTTP_200_OK
+                response.headers["Preference-Applied"] = f"wait={wait:g}"
+    return record.to_public()
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+async def get_job(
+    job_id: str,
+    state: StateDep,
+    tenant: TenantDep,
+    wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal status.")] = 0,
+) -> JobPublic:
+    record = await owned_job(state, tenant, job_id)
+    if wait and not record.status.terminal:
+        latest = await state.events.wait_terminal(state.store, job_id, min(wait, state.settings.max_wait_seconds))
+        record = latest or record
+    return record.to_public()
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+async def cancel_job(job_id: str, state: StateDep, tenant: TenantDep) -> JobPublic:
+    record = await owned_job(state, tenant, job_id)
+    if not record.status.terminal:
+        # A running job's late result is refused by the store once it is cancelled.
+        await state.store.transition(
+            job_id, (JobStatus.queued, JobStatus.running), JobStatus.cancelled, {"completed_at": time.time()}
+        )
+        record = await owned_job(state, tenant, job_id)
+    return record.to_public()
+
+
+@router.get("", response_model=JobList)
+async def list_jobs(
+    state: StateDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+) -> JobList:
+    before = None
+    if after is not None:
+        cursor = await state.store.get(after)
+        if cursor is None or cursor.tenant != tenant:
+            raise InvalidRequestError(f"Unknown pagination cursor '{after}'.", param="after")
+        before = cursor.created_at
+    records, has_more = await state.store.list(tenant, limit, before)
+    data = [r.to_public() for r in records]
+    return JobList(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

@@ -1,0 +1,234 @@
+"""Request, job and result schemas: the public shapes of API.md.
+
+Named by role: `JobCreate` is what a client sends (an OpenAI Chat
+Completions body plus job options), `JobPublic` what it reads back.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.errors import InvalidRequestError
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.expired})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- content parts -----------------------------------------------------------
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | None
+    uuid: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _media_or_uuid(self) -> ImagePart:
+        if self.image_url is None and self.uuid is None:
+            raise ValueError("image_url is null: give the image, or a uuid of media sent before")
+        return self
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+MEDIA_PART_TYPES = ("image_url",)
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_rules(self) -> Message:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if isinstance(self.content, list) and self.role != "user":
+            if any(not isinstance(p, TextPart) for p in self.content):
+                raise ValueError(f"only user messages may carry media; this is a {self.role} message")
+        return self
+
+    @property
+    def parts(self) -> list[TextPart | ImagePart]:
+        if self.content is None:
+            return []
+        if isinstance(self.content, str):
+            return [TextPart(type="text", text=self.content)]
+        return list(self.content)
+
+
+# --- the request -------------------------------------------------------------
+
+
+class JobCreate(_Strict):
+    """An OpenAI Chat Completions request, as vLLM accepts it, plus job options."""
+
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is served.")
+    stream: bool = Field(default=False, description="Streaming is not offered; must be false.")
+    user: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("streaming is not supported: poll the job or use the synchronous endpoint")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+            raise ValueError("metadata holds at most 16 keys of 64 characters with values of 512")
+        return value
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def media_parts(self) -> list[tuple[str, ImagePart]]:
+        """(param path, part) for every media part, in the order they stand."""
+        found = []
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if part.type in MEDIA_PART_TYPES:
+                        found.append((f"messages[{i}].content[{j}]", part))
+        return found
+
+
+# --- results -----------------------------------------------------------------
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "cancelled"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class Timings(BaseModel):
+    queued_ms: float | None = None
+    media_ms: float | None = None
+    inference_ms: float | None = None
+    batch_size: int | None = None
+    batch_id: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model: str
+    status: JobStatus
+    created_at: int
+    started_at: int | None = None
+    completed_at: int | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    result: ChatCompletion | None = None
+    error: ErrorBody | None = None
+    attempts: int = 0
+    timings: Timings | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "vlmq"
+    workers: int = 0
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def parse_job_request(raw: dict[str, Any]) -> JobCreate:
+    """Re-validate a stored request (the worker trusts nothing it reads back)."""
+    try:
+        return JobCreate.model_validate(raw)
+    except ValueError as exc:  # stored by an older gateway with other rules
+        raise InvalidRequestError(f"stored request no longer valid: {exc}") from None

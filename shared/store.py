@@ -1,0 +1,226 @@
+"""The job store: one Redis hash per job, changed only by atomic transitions.
+
+A transition is a Lua script: it moves a job from one of the allowed statuses
+to a new one, writes the given fields, renews the TTL and publishes the new
+status on the job's channel, all at once. So a job cancelled while running
+cannot later be marked succeeded, and two deliveries of the same task cannot
+both store a result. `JobStore` is the blocking face (worker threads),
+`AsyncJobStore` the asyncio one (gateway); both share the record format and
+the scripts below.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import keys
+from shared.schemas import ChatCompletion, ErrorBody, JobPublic, JobStatus, Timings
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, ''} end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then allowed = true end
+end
+if not allowed then return {0, cur} end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return {1, ARGV[2]}
+"""
+
+_JSON_FIELDS = ("request", "metadata", "result", "error", "timings")
+
+
+def new_job_id() -> str:
+    # Time-ordered prefix keeps ids roughly sortable in logs; the rest is random.
+    return f"job_{int(time.time() * 1000):x}{secrets.token_hex(8)}"
+
+
+@dataclass
+class JobRecord:
+    id: str
+    tenant: str
+    model: str
+    request: dict[str, Any]
+    status: JobStatus = JobStatus.queued
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    attempts: int = 0
+
+    def to_hash(self) -> dict[str, str]:
+        out: dict[str, str] = {
+            "id": self.id,
+            "tenant": self.tenant,
+            "model": self.model,
+            "status": self.status.value,
+            "created_at": repr(self.created_at),
+            "attempts": str(self.attempts),
+        }
+        for name in ("started_at", "completed_at"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = repr(value)
+        for name in _JSON_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = json.dumps(value, separators=(",", ":"))
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[str, str]) -> JobRecord:
+        def opt_float(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        def opt_json(name: str) -> Any:
+            return json.loads(raw[name]) if raw.get(name) else None
+
+        return cls(
+            id=raw["id"],
+            tenant=raw["tenant"],
+            model=raw["model"],
+            request=opt_json("request") or {},
+            status=JobStatus(raw["status"]),
+            created_at=float(raw["created_at"]),
+            started_at=opt_float("started_at"),
+            completed_at=opt_float("completed_at"),
+            metadata=opt_json("metadata") or {},
+            result=opt_json("result"),
+            error=opt_json("error"),
+            timings=opt_json("timings"),
+            attempts=int(raw.get("attempts") or 0),
+        )
+
+    def to_public(self) -> JobPublic:
+        return JobPublic(
+            id=self.id,
+            model=self.model,
+            status=self.status,
+            created_at=int(self.created_at),
+            started_at=int(self.started_at) if self.started_at else None,
+            completed_at=int(self.completed_at) if self.completed_at else None,
+            metadata=self.metadata,
+            result=ChatCompletion.model_validate(self.result) if self.result else None,
+            error=ErrorBody.model_validate(self.error) if self.error else None,
+            attempts=self.attempts,
+            timings=Timings.model_validate(self.timings) if self.timings else None,
+        )
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Outcome of a transition: `applied` is False when the job was elsewhere (or gone)."""
+
+    applied: bool
+    status: JobStatus | None
+
+
+def _transition_args(
+    allowed: Iterable[JobStatus], to: JobStatus, ttl: int, fields: Mapping[str, Any], count_attempt: bool
+) -> list[str]:
+    args = [",".join(s.value for s in allowed), to.value, str(ttl), "1" if count_attempt else "0"]
+    for name, value in fields.items():
+        args.append(name)
+        if name in _JSON_FIELDS:
+            args.append(json.dumps(value, separators=(",", ":")))
+        else:
+            args.append(repr(value) if isinstance(value, float) else str(value))
+    return args
+
+
+def _transition_result(reply: list[Any]) -> Transition:
+    applied, status = int(reply[0]), reply[1]
+    if isinstance(status, bytes):
+        status = status.decode()
+    return Transition(bool(applied), JobStatus(status) if status else None)
+
+
+class JobStore:
+    """Blocking job store for worker threads (redis-py clients are thread-safe)."""
+
+    def __init__(self, redis: Any, result_ttl: int) -> None:
+        self.redis = redis
+        self.result_ttl = result_ttl
+        self._transition = redis.register_script(_TRANSITION)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        to: JobStatus,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        count_attempt: bool = False,
+    ) -> Transition:
+        args = _transition_args(allowed, to, self.result_ttl, fields or {}, count_attempt)
+        return _transition_result(self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args))
+
+
+class AsyncJobStore:
+    """The same store for the gateway's event loop."""
+
+    def __init__(self, redis: Any, result_ttl: int) -> None:
+        self.redis = redis
+        self.result_ttl = result_ttl
+        self._transition = redis.register_script(_TRANSITION)
+
+    async def create(self, record: JobRecord) -> None:
+        index = keys.tenant_jobs(record.tenant)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(record.id), mapping=record.to_hash())
+            pipe.expire(keys.job(record.id), self.result_ttl)
+            pipe.zadd(index, {record.id: record.created_at})
+            pipe.zremrangebyscore(index, "-inf", record.created_at - self.result_ttl)
+            pipe.expire(index, self.result_ttl)
+            await pipe.execute()
+
+    async def delete(self, record: JobRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.job(record.id))
+            pipe.zrem(keys.tenant_jobs(record.tenant), record.id)
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
+
+    async def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        to: JobStatus,
+        fields: Mapping[str, Any] | None = None,
+    ) -> Transition:
+        args = _transition_args(allowed, to, self.result_ttl, fields or {}, False)
+        return _transition_result(await self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args))
+
+    async def list(self, tenant: str, limit: int, before: float | None = None) -> tuple[list[JobRecord], bool]:
+        """A tenant's jobs, newest first, created strictly before `before`; and whether more remain."""
+        top = f"({before!r}" if before is not None else "+inf"
+        ids = await self.redis.zrevrangebyscore(keys.tenant_jobs(tenant), top, "-inf", start=0, num=limit + 1)
+        has_more = len(ids) > limit
+        records = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids[:limit]:
+                pipe.hgetall(keys.job(job_id))
+            for raw in await pipe.execute():
+                if raw:
+                    records.append(JobRecord.from_hash(raw))
+        return records, has_more

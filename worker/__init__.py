@@ -1,0 +1,1 @@
+"""The GPU worker: Celery tasks, media resolution and the inference engine."""

@@ -1,0 +1,108 @@
+"""The worker process: build resources once, register the task, consume.
+
+`run_worker` loads the model and starts the engine before Celery takes its
+first message, then runs Celery's threads pool so several jobs are in
+flight at once (media fetched and preprocessed in parallel) while one
+engine thread batches them on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from shared.queues import RUN_JOB_TASK, make_celery
+from shared.store import JobStore
+from worker.config import WorkerSettings
+from worker.jobs import JobRunner, RetryLater
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerResources:
+    settings: WorkerSettings
+    redis: Any
+    runner: JobRunner
+    engine: Any
+    heartbeat: Any
+
+    @classmethod
+    def start(cls, settings: WorkerSettings) -> WorkerResources:
+        import redis as redis_lib
+
+        from worker.engine.batcher import BatchingEngine
+        from worker.engine.loader import load_model
+        from worker.engine.prepare import Preparer
+        from worker.heartbeat import Heartbeat
+        from worker.media.fetch import MediaFetcher
+
+        spec = settings.served_model
+        model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+        engine = BatchingEngine(
+            model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms
+        ).start()
+        redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+        fetcher = MediaFetcher(
+            allowed_domains=settings.allowed_media_domains,
+            allow_private_networks=settings.media_allow_private_networks,
+            max_bytes=settings.media_max_bytes,
+            timeout=settings.image_fetch_timeout,
+        )
+        runner = JobRunner(
+            settings=settings,
+            store=JobStore(redis, settings.result_ttl),
+            fetcher=fetcher,
+            preparer=Preparer(model, settings.default_max_tokens),
+            engine=engine,
+            model_name=spec.name,
+        )
+        heartbeat = Heartbeat(
+            redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, {"device": str(model.device)}
+        ).start()
+        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat)
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        self.engine.stop()
+        self.runner.fetcher.close()
+        self.redis.close()
+
+
+def create_celery_app(resources: WorkerResources) -> Any:
+    app = make_celery(resources.settings, "vlmq-worker")
+
+    @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+    def run_job(self: Any, job_id: str) -> None:
+        try:
+            resources.runner.run(job_id)
+        except RetryLater as retry:
+            raise self.retry(countdown=retry.defer) from None
+
+    return app
+
+
+def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO") -> None:
+    settings = settings or WorkerSettings()
+    spec = settings.served_model
+    resources = WorkerResources.start(settings)
+    app = create_celery_app(resources)
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={settings.concurrency}",
+                f"--queues={spec.queue}",
+                f"--hostname={spec.name}@{settings.worker_name}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
+    finally:
+        resources.stop()
+        log.info("worker %s (pid %d) stopped", settings.worker_name, os.getpid())

@@ -1,0 +1,148 @@
+"""Finding and loading a model: bundled, a local directory, or s3://.
+
+The hub is never contacted (HF_HUB_OFFLINE is forced): a model either is on
+disk or is copied from the operator's own bucket into the cache first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.catalog import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    processor: Any
+    device: Any
+    dtype: Any
+    max_context: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    generation_defaults: dict[str, Any]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
+    if spec.bundled:
+        from worker.engine.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(cache_dir)
+    if spec.source.startswith("s3://"):
+        return download_s3_prefix(spec.source, cache_dir)
+    path = Path(spec.source).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model '{spec.name}': {spec.source} is not a model directory (no config.json). "
+            "Models load from a local directory or s3://; there is no hub download."
+        )
+    return path
+
+
+def download_s3_prefix(url: str, cache_dir: Path) -> Path:
+    """Copy every object under an s3:// prefix into the cache (once)."""
+    import boto3
+
+    bucket, _, prefix = url[5:].partition("/")
+    prefix = prefix.strip("/")
+    target = cache_dir / "s3" / bucket / prefix
+    marker = target / ".vlmq-complete"
+    if marker.exists():
+        return target
+    client = boto3.client("s3")
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+        for obj in page.get("Contents", []):
+            relative = obj["Key"][len(prefix) :].lstrip("/")
+            if not relative or relative.endswith("/") or ".." in Path(relative).parts:
+                continue
+            dest = target / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(dest))
+    if not (target / "config.json").is_file():
+        raise ValueError(f"{url} holds no config.json: not a model")
+    marker.touch()
+    return target
+
+
+def load_processor(path: Path) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, ValueError, TypeError, OSError) as exc:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise
+        # Without torchvision the stock processor cannot build its video slot.
+        log.info("loading the image-only Qwen2-VL processor (%s)", type(exc).__name__)
+        from worker.engine.processors import ImageOnlyQwen2VLProcessor
+
+        return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+
+
+def pick_device(requested: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: Any) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def load_model(spec: ModelSpec, *, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model_path(spec, cache_dir)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    processor = load_processor(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(torch_device).eval()
+
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.get_text_config().eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = gen.pad_token_id if gen.pad_token_id is not None else processor.tokenizer.pad_token_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    text_config = model.config.get_text_config()
+    defaults = {
+        "do_sample": bool(gen.do_sample),
+        "temperature": gen.temperature if gen.do_sample else 0.0,
+        "top_p": gen.top_p,
+        "top_k": gen.top_k,
+    }
+    log.info("loaded %s from %s on %s (%s)", spec.name, path, torch_device, torch_dtype)
+    return LoadedModel(
+        name=spec.name,
+        path=path,
+        model=model,
+        processor=processor,
+        device=torch_device,
+        dtype=torch_dtype,
+        max_context=int(getattr(text_config, "max_position_embeddings", 4096)),
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad),
+        generation_defaults=defaults,
+    )

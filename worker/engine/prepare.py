@@ -1,0 +1,83 @@
+"""Chat request + decoded media -> a PreparedRequest, on the task's thread.
+
+Templating, tokenizing and pixel preprocessing run here, in parallel across
+task threads, so the engine thread only ever runs the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+from shared.errors import InvalidRequestError
+from shared.schemas import ImagePart, JobCreate, TextPart
+from worker.engine.loader import LoadedModel
+from worker.engine.request import PreparedRequest, SamplingParams
+
+_ROLES = {"developer": "system"}
+
+
+def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
+    """OpenAI messages -> the content-part form HF chat templates take (media in place)."""
+    out = []
+    for message in request.messages:
+        role = _ROLES.get(message.role, message.role)
+        if isinstance(message.content, str) or message.content is None:
+            out.append({"role": role, "content": message.content or ""})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                parts.append({"type": "image"})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def sampling_params(request: JobCreate, model: LoadedModel, default_max_tokens: int) -> SamplingParams:
+    defaults = model.generation_defaults
+    temperature = request.temperature if request.temperature is not None else defaults["temperature"]
+    top_p = request.top_p if request.top_p is not None else (defaults["top_p"] or 1.0)
+    return SamplingParams(
+        max_new_tokens=request.max_new_tokens or default_max_tokens,
+        temperature=float(temperature or 0.0),
+        top_p=float(top_p),
+        top_k=defaults["top_k"] if temperature else None,
+        seed=request.seed,
+        stop=tuple(request.stop or ()),
+    )
+
+
+class Preparer:
+    """Applies the model's chat template and processor; safe to call from many threads."""
+
+    def __init__(self, model: LoadedModel, default_max_tokens: int) -> None:
+        self.model = model
+        self.default_max_tokens = default_max_tokens
+        # Fast tokenizers are not safe to share across threads: each thread gets its own copy.
+        self._local = threading.local()
+
+    def _processor(self) -> Any:
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = copy.deepcopy(self.model.processor)
+            self._local.processor = processor
+        return processor
+
+    def prepare(self, request: JobCreate, images: list[Any], request_id: str = "") -> PreparedRequest:
+        processor = self._processor()
+        prompt = processor.apply_chat_template(hf_messages(request), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+        params = sampling_params(request, self.model, self.default_max_tokens)
+        prepared = PreparedRequest(inputs=dict(inputs), params=params, request_id=request_id)
+        budget = self.model.max_context
+        if prepared.prompt_tokens + params.max_new_tokens > budget:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {budget} tokens; the prompt has "
+                f"{prepared.prompt_tokens} and max_tokens asks for {params.max_new_tokens} more.",
+                param="max_tokens" if prepared.prompt_tokens < budget else "messages",
+                code="context_length_exceeded",
+            )
+        return prepared

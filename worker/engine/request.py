@@ -1,0 +1,65 @@
+"""What the engine consumes and produces, independent of how it batches."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests that may share one `generate` call."""
+        if self.greedy:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass
+class PreparedRequest:
+    """A tokenized prompt with its preprocessed pixels, ready for the model.
+
+    `inputs` holds the processor's tensors for one request: input_ids,
+    attention_mask and mm_token_type_ids of shape (1, L), and for images
+    pixel_values (patches, dim) and image_grid_thw (images, 3).
+    """
+
+    inputs: dict[str, Any]
+    params: SamplingParams
+    request_id: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[-1])
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    batch_id: str
+    batch_size: int
+    inference_ms: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+EngineFuture = Future  # resolves to a Generation
