@@ -13,6 +13,7 @@ from api_gateway.config import GatewaySettings
 from shared import keys
 from shared.catalog import queue_name
 from shared.errors import TransientError, UnsupportedModelError
+from shared.media_policy import check_media_url
 from shared.queues import RUN_JOB_TASK, make_celery
 from shared.schemas import JobCreate
 from shared.store import AsyncJobStore, JobRecord, new_job_id
@@ -31,6 +32,7 @@ async def live_workers(redis: Any) -> list[dict[str, Any]]:
 class Submitter:
     def __init__(self, settings: GatewaySettings, redis: Any, store: AsyncJobStore) -> None:
         self._configured = {spec.name for spec in settings.models}
+        self._allowed_domains = settings.allowed_media_domains
         self._redis = redis
         self._store = store
         self._celery = make_celery(settings, "vlmq-gateway")
@@ -52,8 +54,15 @@ class Submitter:
                 param="model",
             )
 
+    def check_media(self, request: JobCreate) -> None:
+        """Refuse media the worker would refuse, before anything is queued."""
+        for param, part in request.media_parts():
+            if part.image_url is not None:
+                check_media_url(part.image_url.url, self._allowed_domains, f"{param}.image_url.url")
+
     async def submit(self, tenant: str, request: JobCreate) -> JobRecord:
         await self.check_model(request.model)
+        self.check_media(request)
         record = JobRecord(
             id=new_job_id(),
             tenant=tenant,
