@@ -118,7 +118,11 @@ def describe_validation_error(errors: Sequence[Any], body: Any) -> tuple[str, st
             last = i == len(loc) - 1
             if isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node):
                 path, node = f"{path}[{step}]", node[step]
-            elif isinstance(step, str) and isinstance(node, dict) and (step in node or (last and err["type"] == "missing")):
+            elif (
+                isinstance(step, str)
+                and isinstance(node, dict)
+                and (step in node or (last and err["type"] == "missing"))
+            ):
                 path, node = f"{path}.{step}" if path else step, node.get(step)
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.errors import InvalidRequestError
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -60,7 +60,6 @@ class ImagePart(_Strict):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
-MEDIA_PART_TYPES = ("image_url",)
 
 
 class Message(_Strict):
@@ -72,9 +71,12 @@ class Message(_Strict):
     def _content_rules(self) -> Message:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
-        if isinstance(self.content, list) and self.role != "user":
-            if any(not isinstance(p, TextPart) for p in self.content):
-                raise ValueError(f"only user messages may carry media; this is a {self.role} message")
+        if (
+            isinstance(self.content, list)
+            and self.role != "user"
+            and any(not isinstance(p, TextPart) for p in self.content)
+        ):
+            raise ValueError(f"only user messages may carry media; this is a {self.role} message")
         return self
 
     @property
@@ -139,7 +141,7 @@ class JobCreate(_Strict):
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
-                    if part.type in MEDIA_PART_TYPES:
+                    if isinstance(part, ImagePart):
                         found.append((f"messages[{i}].content[{j}]", part))
         return found
 

@@ -57,8 +57,19 @@ def start_redis(tmp: Path) -> RedisServer:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp)],
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -112,11 +123,18 @@ def tiny(model_cache):
 # --- media -------------------------------------------------------------------
 
 
-def png_bytes(color=(0, 180, 0), size=(64, 48), mode="RGB") -> bytes:
+def png_bytes(color=(0, 180, 0), size=(64, 48), mode="RGB", noise: bool = False) -> bytes:
     from PIL import Image
 
+    image = Image.new(mode, size, color)
+    if noise:  # incompressible pixels, so the file is as big as the picture
+        import random
+
+        rng = random.Random(0)
+        for i in range(0, size[0] * size[1], 3):
+            image.putpixel((i % size[0], i // size[0]), tuple(rng.randrange(256) for _ in color))
     buf = io.BytesIO()
-    Image.new(mode, size, color).save(buf, "PNG")
+    image.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -139,7 +157,7 @@ def media_server() -> Iterator[MediaServer]:
     server_state = MediaServer(port=0)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's naming
+        def do_GET(self):
             server_state.hits.append(self.path)
             status, headers, body = server_state.routes.get(self.path, (404, {}, b"not found"))
             self.send_response(status)
@@ -155,7 +173,11 @@ def media_server() -> Iterator[MediaServer]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server_state.port = httpd.server_address[1]
     server_state.routes["/red.png"] = (200, {"Content-Type": "image/png"}, png_bytes((220, 30, 30)))
-    server_state.routes["/blue.png"] = (200, {"Content-Type": "image/png"}, png_bytes((30, 60, 220), (90, 120)))
+    server_state.routes["/blue.png"] = (
+        200,
+        {"Content-Type": "image/png"},
+        png_bytes((30, 60, 220), (90, 120), noise=True),
+    )
     server_state.routes["/broken.png"] = (200, {"Content-Type": "image/png"}, png_bytes()[:40])
     server_state.routes["/error500"] = (500, {}, b"oops")
     server_state.routes["/redirect"] = (302, {"Location": "/red.png"}, b"")

@@ -150,7 +150,9 @@ def test_bad_inputs_get_documented_errors_and_worker_keeps_serving(stack, media_
         assert failed[1]["error"]["code"] == "image_decode_failed"
         assert failed[1]["error"]["param"] == "messages[0].content[0]"
 
-        after = stack.wait_job(client, client.post("/v1/jobs", json=image_job(media_server.url("/red.png"))).json()["id"])
+        after = stack.wait_job(
+            client, client.post("/v1/jobs", json=image_job(media_server.url("/red.png"))).json()["id"]
+        )
         assert after["status"] == "succeeded"
     assert stack.processes["worker"].poll() is None
 

@@ -6,6 +6,7 @@ key simply expires, and the gateway stops counting it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,10 +38,8 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        try:
+        with contextlib.suppress(Exception):  # shutting down; the key expires anyway
             self._redis.delete(self._key)
-        except Exception:  # shutting down; the key expires anyway
-            pass
 
     def _beat(self) -> None:
         self._redis.set(self._key, self._payload, ex=max(2, int(self._interval * 3)))

@@ -87,7 +87,12 @@ class JobRunner:
             "batch_size": generation.batch_size,
             "batch_id": generation.batch_id,
         }
-        fields = {"result": result.model_dump(mode="json"), "completed_at": time.time(), "timings": timings, "error": {}}
+        fields = {
+            "result": result.model_dump(mode="json"),
+            "completed_at": time.time(),
+            "timings": timings,
+            "error": {},
+        }
         if not self.store.transition(record.id, (JobStatus.running,), JobStatus.succeeded, fields).applied:
             log.info("job %s finished after it was cancelled; result discarded", record.id)
 

@@ -20,7 +20,7 @@ _ROLES = {"developer": "system"}
 
 def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
     """OpenAI messages -> the content-part form HF chat templates take (media in place)."""
-    out = []
+    out: list[dict[str, Any]] = []
     for message in request.messages:
         role = _ROLES.get(message.role, message.role)
         if isinstance(message.content, str) or message.content is None:

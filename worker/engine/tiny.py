@@ -17,7 +17,6 @@ import random
 import tempfile
 from pathlib import Path
 
-
 from shared.catalog import TINY_MODEL_NAME
 
 # Bump when the recipe changes so cached builds are rebuilt, not reused.
@@ -53,14 +52,97 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_WORDS = (
-    "a an the this that image picture photo shows contains depicts of with and in on at "
-    "red green blue yellow white black orange purple gray pink brown cat dog car tree house "
-    "person people sky sea road field city street table cup book small large bright dark "
-    "one two three four five many left right top bottom center background foreground "
-    "what is color describe caption tag answer question yes no there are how it looks like "
-    "video frame audio sound speech music clip second minute scene object objects"
-).split()
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "this",
+    "that",
+    "image",
+    "picture",
+    "photo",
+    "shows",
+    "contains",
+    "depicts",
+    "of",
+    "with",
+    "and",
+    "in",
+    "on",
+    "at",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "gray",
+    "pink",
+    "brown",
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "house",
+    "person",
+    "people",
+    "sky",
+    "sea",
+    "road",
+    "field",
+    "city",
+    "street",
+    "table",
+    "cup",
+    "book",
+    "small",
+    "large",
+    "bright",
+    "dark",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "many",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "background",
+    "foreground",
+    "what",
+    "is",
+    "color",
+    "describe",
+    "caption",
+    "tag",
+    "answer",
+    "question",
+    "yes",
+    "no",
+    "there",
+    "are",
+    "how",
+    "it",
+    "looks",
+    "like",
+    "video",
+    "frame",
+    "audio",
+    "sound",
+    "speech",
+    "music",
+    "clip",
+    "second",
+    "minute",
+    "scene",
+    "object",
+    "objects",
+]
 
 
 def _corpus(seed: int, lines: int = 4000) -> list[str]:
@@ -185,7 +267,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids: dict[str, int] = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}  # type: ignore[arg-type]
 
     # 28 px per merged token: 4..64 image tokens, so a job runs in milliseconds on a CPU.
     image_processor = Qwen2VLImageProcessorPil(

@@ -38,7 +38,9 @@ def address_is_public(ip: Address) -> bool:
 def decode_data_url(url: str, max_bytes: int, param: str | None) -> bytes:
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
-        raise MediaError("data: URLs must be base64 ('data:<type>;base64,<data>').", param=param, code="invalid_data_url")
+        raise MediaError(
+            "data: URLs must be base64 ('data:<type>;base64,<data>').", param=param, code="invalid_data_url"
+        )
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise MediaError(f"Media is larger than {max_bytes} bytes.", param=param, code="media_too_large")
     try:
@@ -76,7 +78,7 @@ class MediaFetcher:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
             raise MediaError(f"Host '{host}' does not resolve.", param=param, code="dns_failed") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not self.allow_private_networks:
             # All of them, not just the first: the resolver's order is not ours to trust.
             for ip in addresses:
@@ -117,7 +119,9 @@ class MediaFetcher:
                     )
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise MediaError(f"Media is larger than {self.max_bytes} bytes.", param=param, code="media_too_large")
+                    raise MediaError(
+                        f"Media is larger than {self.max_bytes} bytes.", param=param, code="media_too_large"
+                    )
                 body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
