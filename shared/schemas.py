@@ -102,6 +102,11 @@ class JobCreate(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # vLLM's sampling extensions, accepted the same way.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Only n=1 is served.")
     stream: bool = Field(default=False, description="Streaming is not offered; must be false.")
     user: str | None = None

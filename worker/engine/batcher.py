@@ -75,7 +75,11 @@ class BatchingEngine:
                 batch.append(item)
             groups: dict[tuple[Any, ...], list[tuple[PreparedRequest, Future[Generation]]]] = defaultdict(list)
             for request, future in batch:
-                if request.cancelled.is_set() or not future.set_running_or_notify_cancel():
+                if not future.set_running_or_notify_cancel():
+                    continue
+                reason = request.should_stop()
+                if reason:
+                    future.set_result(self._finish(request, [], "", 1, 0.0, stopped=reason))
                     continue
                 groups[request.params.batch_key()].append((request, future))
             for group in groups.values():
@@ -107,7 +111,8 @@ class BatchingEngine:
             "max_new_tokens": max_new,
             "do_sample": not params.greedy,
             "pad_token_id": self.model.pad_token_id,
-            "eos_token_id": self.model.eos_token_ids or None,
+            "eos_token_id": None if params.ignore_eos else (self.model.eos_token_ids or None),
+            "min_new_tokens": params.min_tokens or None,
         }
         if params.greedy:
             kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -115,26 +120,45 @@ class BatchingEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
+        prompt_len = batch["input_ids"].shape[1]
+        watch = _StepWatch(requests, prompt_len)
         with torch.inference_mode():
-            output = self.model.model.generate(**batch, **kwargs)
+            output = self.model.model.generate(**batch, **kwargs, stopping_criteria=[watch])
         self.generate_calls += 1
         self.requests_served += len(requests)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        prompt_len = batch["input_ids"].shape[1]
         batch_id = secrets.token_hex(6)
         return [
-            self._finish(request, output[row, prompt_len:].tolist(), batch_id, len(requests), elapsed_ms)
+            self._finish(
+                request,
+                output[row, prompt_len : prompt_len + watch.lengths[row]].tolist(),
+                batch_id,
+                len(requests),
+                elapsed_ms,
+                stopped=watch.stopped[row],
+            )
             for row, request in enumerate(requests)
         ]
 
     def _finish(
-        self, request: PreparedRequest, tokens: list[int], batch_id: str, batch_size: int, elapsed_ms: float
+        self,
+        request: PreparedRequest,
+        tokens: list[int],
+        batch_id: str,
+        batch_size: int,
+        elapsed_ms: float,
+        stopped: str | None = None,
     ) -> Generation:
-        tokens = tokens[: request.params.max_new_tokens]
-        finish = "length"
+        params = request.params
+        tokens = tokens[: params.max_new_tokens]
+        finish = stopped or "length"
+        eos = () if params.ignore_eos else self.model.eos_token_ids
         for i, token in enumerate(tokens):
-            if token in self.model.eos_token_ids:
+            if i >= params.min_tokens and token in eos:
                 tokens, finish = tokens[:i], "stop"
+                break
+            if i >= params.min_tokens and token in params.stop_token_ids:
+                tokens, finish = tokens[: i + 1], "stop"  # vLLM keeps the stop token in the count
                 break
         tokenizer = self.model.tokenizer
         text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -152,6 +176,43 @@ class BatchingEngine:
             batch_size=batch_size,
             inference_ms=elapsed_ms,
         )
+
+
+class _StepWatch:
+    """A stopping criterion run after every decode step of a batched generate.
+
+    It ends rows whose request reached its own max_tokens, was cancelled or
+    passed its deadline (generate's own max_new_tokens is the batch's
+    largest), and publishes each request's progress.
+    """
+
+    def __init__(self, requests: list[PreparedRequest], prompt_len: int) -> None:
+        self.requests = requests
+        self.prompt_len = prompt_len
+        self.lengths = [r.params.max_new_tokens for r in requests]
+        self.stopped: list[str | None] = [None] * len(requests)
+        self._done = [False] * len(requests)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        generated = input_ids.shape[1] - self.prompt_len
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, request in enumerate(self.requests):
+            if self._done[row]:
+                done[row] = True
+                continue
+            request.progress = generated
+            reason = request.should_stop()
+            params = request.params
+            last = int(input_ids[row, -1])
+            hit_stop_token = generated > params.min_tokens and last in params.stop_token_ids
+            if reason or hit_stop_token or generated >= params.max_new_tokens:
+                self._done[row] = True
+                self.stopped[row] = reason
+                self.lengths[row] = generated
+                done[row] = True
+        return done
 
 
 def truncate_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...]) -> tuple[list[int], str] | None:

@@ -40,13 +40,22 @@ def sampling_params(request: JobCreate, model: LoadedModel, default_max_tokens: 
     defaults = model.generation_defaults
     temperature = request.temperature if request.temperature is not None else defaults["temperature"]
     top_p = request.top_p if request.top_p is not None else (defaults["top_p"] or 1.0)
+    top_k = request.top_k if request.top_k is not None else defaults["top_k"]
+    max_new_tokens = request.max_new_tokens or default_max_tokens
+    if request.min_tokens > max_new_tokens:
+        raise InvalidRequestError(
+            f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_new_tokens}).", param="min_tokens"
+        )
     return SamplingParams(
-        max_new_tokens=request.max_new_tokens or default_max_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=float(temperature or 0.0),
         top_p=float(top_p),
-        top_k=defaults["top_k"] if temperature else None,
+        top_k=top_k if temperature and top_k and top_k > 0 else None,
         seed=request.seed,
         stop=tuple(request.stop or ()),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -23,9 +27,10 @@ class SamplingParams:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests that may share one `generate` call."""
+        eos = (self.min_tokens, self.ignore_eos)
         if self.greedy:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.seed)
+            return ("greedy", *eos)
+        return ("sample", self.temperature, self.top_p, self.top_k, self.seed, *eos)
 
 
 @dataclass
@@ -40,7 +45,20 @@ class PreparedRequest:
     inputs: dict[str, Any]
     params: SamplingParams
     request_id: str = ""
+    # Set by anyone (a cancel watcher, a shutdown): the engine stops the
+    # request at its next decode step and returns the partial text.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Wall-clock time (time.time()) after which the engine stops it the same way.
+    deadline: float | None = None
+    # Tokens generated so far, updated by the engine as it decodes.
+    progress: int = 0
+
+    def should_stop(self) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.time() > self.deadline:
+            return "deadline"
+        return None
 
     @property
     def prompt_tokens(self) -> int:
@@ -51,7 +69,7 @@ class PreparedRequest:
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | cancelled | deadline
     prompt_tokens: int
     batch_id: str
     batch_size: int

@@ -154,3 +154,41 @@ def test_sampling_defaults_follow_the_model(tiny):
         JobCreate.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]}), []
     )
     assert prepared.params == SamplingParams(max_new_tokens=7, temperature=0.0, top_p=1.0, top_k=None, seed=None)
+
+
+def test_cancel_stops_a_running_request_at_the_next_step(tiny, engine):
+    import time
+
+    preparer = Preparer(tiny, 16)
+    image = [Image.new("RGB", (50, 50), COLORS[0])]
+    long = preparer.prepare(request("Describe the image.", 1, max_tokens=3000, min_tokens=3000), image)
+    future = engine.submit(long)
+    deadline = time.time() + 30
+    while long.progress < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    assert long.progress >= 5
+    long.cancelled.set()
+    result = future.result(timeout=30)
+    assert result.finish_reason == "cancelled"
+    assert 5 <= result.completion_tokens < 3000
+    assert result.text  # partial text kept
+
+
+def test_deadline_and_stop_token_ids(tiny, engine):
+    import time
+
+    preparer = Preparer(tiny, 16)
+    image = [Image.new("RGB", (50, 50), COLORS[1])]
+    late = preparer.prepare(request("Describe the image.", 1), image)
+    late.deadline = time.time() - 1
+    assert engine.generate(late).finish_reason == "deadline"
+
+    full = engine.generate(preparer.prepare(request("What color is this image?", 1), image))
+    stop_id = full.token_ids[2]
+    cut = engine.generate(preparer.prepare(request("What color is this image?", 1, stop_token_ids=[stop_id]), image))
+    assert cut.token_ids == full.token_ids[:3] and cut.finish_reason == "stop"
+
+    forced = engine.generate(
+        preparer.prepare(request("What color is this image?", 1, min_tokens=20, max_tokens=20), image)
+    )
+    assert forced.completion_tokens == 20 and forced.finish_reason == "length"
