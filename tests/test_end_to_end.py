@@ -109,9 +109,8 @@ def test_concurrent_jobs_are_batched_and_match_single_runs(stack):
             job_id = submit(body)
             alone.append(stack.wait_job(client, job_id))
     assert all(j["status"] == "succeeded" for j in together + alone)
-    batches = {j["timings"]["batch_id"] for j in together}
-    assert len(batches) < len(bodies), "concurrent jobs should share generate calls"
-    assert max(j["timings"]["batch_size"] for j in together) > 1
+    # The worker serves the tiny Qwen2-VL with continuous batching: concurrent jobs decode together.
+    assert max(j["timings"]["batch_size"] for j in together) > 1, "concurrent jobs should share decode steps"
     assert [j["result"]["choices"][0]["message"]["content"] for j in together] == [
         j["result"]["choices"][0]["message"]["content"] for j in alone
     ]

@@ -33,7 +33,6 @@ class WorkerResources:
     def start(cls, settings: WorkerSettings) -> WorkerResources:
         import redis as redis_lib
 
-        from worker.engine.batcher import BatchingEngine
         from worker.engine.loader import load_model
         from worker.engine.prepare import Preparer
         from worker.heartbeat import Heartbeat
@@ -41,9 +40,7 @@ class WorkerResources:
 
         spec = settings.served_model
         model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
-        engine = BatchingEngine(
-            model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms
-        ).start()
+        engine = build_engine(model, settings).start()
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
         fetcher = MediaFetcher(
             allowed_domains=settings.allowed_media_domains,
@@ -69,6 +66,24 @@ class WorkerResources:
         self.engine.stop()
         self.runner.fetcher.close()
         self.redis.close()
+
+
+def build_engine(model: Any, settings: WorkerSettings) -> Any:
+    from worker.engine.batcher import BatchingEngine
+    from worker.engine.continuous import ContinuousEngine, supports_continuous
+
+    if settings.engine == "continuous" or (settings.engine == "auto" and supports_continuous(model)):
+        engine = ContinuousEngine(
+            model,
+            max_batch_size=settings.max_batch_size,
+            max_model_len=settings.max_model_len,
+            gpu_memory_fraction=settings.gpu_memory_fraction,
+            cuda_graphs=settings.cuda_graphs,
+        )
+        # Requests are checked against what one KV slot holds, not the model's whole window.
+        model.max_context = engine.max_len
+        return engine
+    return BatchingEngine(model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms)
 
 
 def create_celery_app(resources: WorkerResources) -> Any:

@@ -24,8 +24,15 @@ class WorkerSettings(SharedSettings):
     model_cache_dir: Path = Field(default_factory=_default_cache_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    # auto: continuous batching for the Qwen2-VL family, micro-batched
+    # `generate` for every other model; or force `continuous` / `batch`.
+    engine: str = Field(default="auto", pattern="^(auto|continuous|batch)$")
     batch_window_ms: float = Field(default=5.0, ge=0)
-    max_batch_size: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=64, ge=1)
+    # Longest prompt + output one request may use (0: the model's limit, capped at 4096).
+    max_model_len: int = Field(default=0, ge=0)
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    cuda_graphs: bool = True
     default_max_tokens: int = Field(default=256, ge=1)
     max_attempts: int = Field(default=3, ge=1)
     media_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)

@@ -33,7 +33,7 @@ class SamplingParams:
         return ("sample", self.temperature, self.top_p, self.top_k, self.seed, *eos)
 
 
-@dataclass
+@dataclass(eq=False)
 class PreparedRequest:
     """A tokenized prompt with its preprocessed pixels, ready for the model.
 
