@@ -237,7 +237,7 @@ class ContinuousEngine:
             except queue.Empty:
                 return True
             if item is _STOP:
-                for request, future in self._waiting:
+                for _, future in self._waiting:
                     future.cancel()
                 return False
             request, future = item
@@ -369,9 +369,7 @@ class ContinuousEngine:
             if not params.ignore_eos and token in self.model.eos_token_ids:
                 seq.tokens.pop()
                 seq.finish = "stop"
-            elif token in params.stop_token_ids:
-                seq.finish = "stop"
-            elif params.stop and any(s in tokenizer.decode(seq.tokens, skip_special_tokens=True) for s in params.stop):
+            elif token in params.stop_token_ids or _hits_stop_string(tokenizer, seq.tokens, params.stop):
                 seq.finish = "stop"
             elif produced >= params.max_new_tokens:
                 seq.finish = "length"
@@ -452,6 +450,10 @@ class ContinuousEngine:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.lm.norm(x)
         return self.lm_head(x[:, 0])
+
+
+def _hits_stop_string(tokenizer: Any, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    return bool(stops) and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops)
 
 
 def _rotate_half(x: Any) -> Any:

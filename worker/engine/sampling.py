@@ -31,7 +31,6 @@ class Sampler:
         return generator
 
     def sample(self, logits: Any, params: list[SamplingParams], seqs: list[Any]) -> list[int]:
-        import torch
 
         for row, (p, seq) in enumerate(zip(params, seqs, strict=True)):
             if len(seq.tokens) < p.min_tokens:
