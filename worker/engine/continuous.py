@@ -85,10 +85,28 @@ class SlotCache:
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
         return 2 * layers * kv_heads * head_dim * dtype_bytes
 
-    def write_prompt(self, slot: int, past_key_values: Any, length: int) -> None:
+    def write_prompt(self, slot: int, past_key_values: Any, length: int, row: int = 0) -> None:
         for i, layer in enumerate(past_key_values.layers):
-            self.k[i, slot, :, :length] = layer.keys[0, :, -length:]
-            self.v[i, slot, :, :length] = layer.values[0, :, -length:]
+            self.k[i, slot, :, :length] = layer.keys[row, :, :length]
+            self.v[i, slot, :, :length] = layer.values[row, :, :length]
+
+    def write_prompts(self, past_key_values: Any, placed: list[tuple[int, int, int]]) -> None:
+        """Copy a packed prefill's rows into their slots; one copy per layer when rows and slots line up."""
+        rows = [r for r, _, _ in placed]
+        slots = [s for _, s, _ in placed]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) and slots == list(
+            range(slots[0], slots[0] + len(slots))
+        )
+        if not contiguous:
+            for row, slot, length in placed:
+                self.write_prompt(slot, past_key_values, length, row)
+            return
+        longest = max(length for _, _, length in placed)
+        # Right padding beyond a row's length lands past its end: never read (masked), then overwritten.
+        r0, s0, n = rows[0], slots[0], len(rows)
+        for i, layer in enumerate(past_key_values.layers):
+            self.k[i, s0 : s0 + n, :, :longest] = layer.keys[r0 : r0 + n, :, :longest]
+            self.v[i, s0 : s0 + n, :, :longest] = layer.values[r0 : r0 + n, :, :longest]
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
@@ -104,7 +122,8 @@ class ContinuousEngine:
         max_model_len: int = 0,
         gpu_memory_fraction: float = 0.9,
         cuda_graphs: bool = True,
-        max_prefills_per_step: int = 32,
+        max_prefills_per_step: int = 64,
+        prefill_tokens: int = 16384,
     ) -> None:
         import torch
 
@@ -135,6 +154,10 @@ class ContinuousEngine:
             len(self.layers), self.slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device
         )
         self.max_prefills_per_step = max_prefills_per_step
+        self.prefill_tokens = prefill_tokens
+        from worker.engine import vision
+
+        vision.install(self.vl.visual)
         self.sampler = Sampler(model)
         self.graphs = _DecodeGraphs(self, enabled=cuda_graphs and self.device.type == "cuda")
 
@@ -147,6 +170,7 @@ class ContinuousEngine:
         self.prefills = 0
         self.vision_calls = 0
         self.requests_served = 0
+        self.vision_s = self.prefill_s = self.decode_s = 0.0
 
     # --- sizing -----------------------------------------------------------------
 
@@ -263,26 +287,53 @@ class ContinuousEngine:
         import torch
 
         wave = secrets.token_hex(6)
+        started = time.perf_counter()
         features = self._encode_media([r for r, _ in admitted])
-        logits_rows, new = [], []
+        self.vision_s += time.perf_counter() - started
+        started = time.perf_counter()
+        groups: list[list[tuple[PreparedRequest, Future[Generation], dict[str, Any]]]] = [[]]
+        budget = 0
         for (request, future), feats in zip(admitted, features, strict=True):
-            started = time.perf_counter()
+            if groups[-1] and budget + request.prompt_tokens > self.prefill_tokens:
+                groups.append([])
+                budget = 0
+            groups[-1].append((request, future, feats))
+            budget += request.prompt_tokens
+        logits_rows, new = [], []
+        for group in groups:
             try:
-                logits, length, position, cache = self._prefill_one(request, feats)
+                outputs = self._prefill_group(group)
             except Exception as exc:
-                log.warning("prefill failed: %s", exc)
-                future.set_exception(exc)
-                continue
-            slot = len(self._active)
-            self.cache.write_prompt(slot, cache, length)
-            seq = _Sequence(request, future, slot, length, position, started, wave)
-            seq.generator = self.sampler.generator_for(request.params)
-            self._active.append(seq)
-            logits_rows.append(logits)
-            new.append(seq)
-            self.prefills += 1
+                if len(group) > 1:  # find the one that breaks it; the rest go on
+                    outputs = []
+                    for item in group:
+                        try:
+                            outputs.extend(self._prefill_group([item]))
+                        except Exception as single:
+                            log.warning("prefill failed: %s", single)
+                            item[1].set_exception(single)
+                            outputs.append(None)
+                else:
+                    log.warning("prefill failed: %s", exc)
+                    group[0][1].set_exception(exc)
+                    continue
+            placed: dict[int, tuple[Any, list[tuple[int, int, int]]]] = {}  # cache -> [(row, slot, length)]
+            for (request, future, _), out in zip(group, outputs, strict=True):
+                if out is None:
+                    continue
+                logits, length, position, cache, row = out
+                seq = _Sequence(request, future, len(self._active), length, position, started, wave)
+                placed.setdefault(id(cache), (cache, []))[1].append((row, seq.slot, length))
+                seq.generator = self.sampler.generator_for(request.params)
+                self._active.append(seq)
+                logits_rows.append(logits)
+                new.append(seq)
+                self.prefills += 1
+            for cache, rows in placed.values():
+                self.cache.write_prompts(cache, rows)
         if new:
             tokens = self.sampler.sample(torch.cat(logits_rows), [s.request.params for s in new], new)
+            self.prefill_s += time.perf_counter() - started
             self._advance(new, tokens)
             self._retire()
 
@@ -308,29 +359,60 @@ class ContinuousEngine:
                 out[i][kind] = part
         return out
 
-    def _prefill_one(self, request: PreparedRequest, feats: dict[str, Any]) -> tuple[Any, int, int, Any]:
+    def _embed(self, request: PreparedRequest, feats: dict[str, Any]) -> tuple[Any, Any]:
+        """The prompt's input embeddings (media features in place) and its 3-D M-RoPE positions."""
         import torch
 
-        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in request.inputs.items()}
-        input_ids = inputs["input_ids"]
+        host = request.inputs
+        length = host["input_ids"].shape[1]
+        if "image_grid_thw" in host or "video_grid_thw" in host:
+            # On the host copies: get_rope_index walks the tokens in Python, and on the device
+            # every step of that walk would be a synchronisation.
+            rope_kwargs = {
+                k: host[k].cpu() for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in host
+            }
+            mm_types = host.get("mm_token_type_ids")
+            positions, _ = self.vl.get_rope_index(
+                host["input_ids"].cpu(),
+                mm_types.cpu() if mm_types is not None else None,
+                attention_mask=host["attention_mask"].cpu() if "attention_mask" in host else None,
+                **rope_kwargs,
+            )
+            positions = positions.to(self.device)
+        else:
+            positions = torch.arange(length, device=self.device).view(1, 1, -1).expand(3, 1, -1)
+        input_ids = host["input_ids"].to(self.device)
         embeds = self.lm.embed_tokens(input_ids)
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
             if kind in feats:
                 mask = (input_ids == token_id).unsqueeze(-1).expand_as(embeds)
                 embeds = embeds.masked_scatter(mask, feats[kind].to(embeds.dtype))
-        length = input_ids.shape[1]
-        if "image_grid_thw" in inputs or "video_grid_thw" in inputs:
-            rope_kwargs = {
-                k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs
-            }
-            positions, _ = self.vl.get_rope_index(
-                input_ids, inputs.get("mm_token_type_ids"), attention_mask=inputs.get("attention_mask"), **rope_kwargs
-            )
+        return embeds[0], positions[:, 0]
+
+    def _prefill_group(self, group: list[tuple[PreparedRequest, Any, dict[str, Any]]]) -> list[Any]:
+        """Prefill several prompts in one forward of the model's language model (right-padded)."""
+        import torch
+
+        embedded = [self._embed(request, feats) for request, _, feats in group]
+        lengths = [e.shape[0] for e, _ in embedded]
+        longest = max(lengths)
+        if len(group) == 1:
+            embeds, positions = embedded[0][0][None], embedded[0][1][:, None]
+            attention_mask = None
         else:
-            positions = torch.arange(length, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        out = self.lm(inputs_embeds=embeds, position_ids=positions, use_cache=True)
-        logits = self.lm_head(out.last_hidden_state[:, -1])
-        return logits.float(), length, int(positions.max()) + 1, out.past_key_values
+            hidden = embedded[0][0].shape[-1]
+            embeds = torch.zeros((len(group), longest, hidden), dtype=embedded[0][0].dtype, device=self.device)
+            positions = torch.zeros((3, len(group), longest), dtype=torch.long, device=self.device)
+            attention_mask = torch.zeros((len(group), longest), dtype=torch.long, device=self.device)
+            for row, ((e, p), n) in enumerate(zip(embedded, lengths, strict=True)):
+                embeds[row, :n], positions[:, row, :n], attention_mask[row, :n] = e, p, 1
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self.lm_head(out.last_hidden_state[torch.arange(len(group), device=self.device), last]).float()
+        return [
+            (logits[row : row + 1], n, int(embedded[row][1].max()) + 1, out.past_key_values, row)
+            for row, n in enumerate(lengths)
+        ]
 
     def _decode(self) -> None:
         import torch
@@ -342,20 +424,21 @@ class ContinuousEngine:
         longest = max(s.length for s in active) + 1
         span = min(self.max_len, max(64, 1 << math.ceil(math.log2(longest))))
         g = self.graphs
-        g.tokens[:n] = torch.tensor([s.tokens[-1] for s in active], device=self.device)
-        g.positions[:n] = torch.tensor([s.position for s in active], device=self.device)
-        g.lengths[:n] = torch.tensor([s.length for s in active], device=self.device)
-        if batch > n:  # padding rows write into their own (free) slots and are ignored
-            g.tokens[n:batch] = 0
-            g.positions[n:batch] = 0
-            g.lengths[n:batch] = 0
-        logits = g.run(batch, span)[:n].float()
+        started = time.perf_counter()
+        # One host-to-device copy for all three inputs; padding rows write into their own
+        # (free) slots at position 0 and are ignored.
+        state = [[s.tokens[-1] for s in active], [s.position for s in active], [s.length for s in active]]
+        g.state[:, :n].copy_(torch.tensor(state))
+        if batch > n:
+            g.state[:, n:batch] = 0
+        logits = g.run(batch, span)[:n].clone()  # the graph's output buffer is reused next step
         self.decode_steps += 1
         for seq in active:
             seq.length += 1
             seq.position += 1
             seq.max_batch = max(seq.max_batch, n)
         tokens = self.sampler.sample(logits, [s.request.params for s in active], active)
+        self.decode_s += time.perf_counter() - started
         self._advance(active, tokens)
         self._retire()
 
@@ -472,9 +555,8 @@ class _DecodeGraphs:
         device = engine.device
         self.engine = engine
         self.enabled = enabled
-        self.tokens = torch.zeros(engine.slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(engine.slots, dtype=torch.long, device=device)
-        self.lengths = torch.zeros(engine.slots, dtype=torch.long, device=device)
+        self.state = torch.zeros((3, engine.slots), dtype=torch.long, device=device)
+        self.tokens, self.positions, self.lengths = self.state[0], self.state[1], self.state[2]
         self.rows = torch.arange(engine.slots, device=device)
         self.span_index = torch.arange(engine.max_len, device=device)
         self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}

@@ -81,17 +81,22 @@ def download_s3_prefix(url: str, cache_dir: Path) -> Path:
 def load_processor(path: Path) -> Any:
     from transformers import AutoProcessor
 
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
     try:
-        return AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path)
+        # AutoProcessor quietly falls back to the bare tokenizer when the full processor cannot be built.
+        if hasattr(processor, "image_processor") or model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            return processor
+        reason = f"AutoProcessor gave a {type(processor).__name__}"
     except (ImportError, ValueError, TypeError, OSError) as exc:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
-        # Without torchvision the stock processor cannot build its video slot.
-        log.info("loading the image-only Qwen2-VL processor (%s)", type(exc).__name__)
-        from worker.engine.processors import ImageOnlyQwen2VLProcessor
+        reason = type(exc).__name__
+    # Without torchvision (or a video processor config) the stock processor cannot build its video slot.
+    log.info("loading the image-only Qwen2-VL processor (%s)", reason)
+    from worker.engine.processors import ImageOnlyQwen2VLProcessor
 
-        return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+    return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
 
 def pick_device(requested: str) -> Any:

@@ -31,16 +31,23 @@ class Sampler:
         return generator
 
     def sample(self, logits: Any, params: list[SamplingParams], seqs: list[Any]) -> list[int]:
+        import torch
 
+        # Rows still under min_tokens may not end: ban their EOS/stop tokens, one masked write per ban list.
+        bans: dict[tuple[int, ...], list[int]] = {}
         for row, (p, seq) in enumerate(zip(params, seqs, strict=True)):
             if len(seq.tokens) < p.min_tokens:
-                banned = ([] if p.ignore_eos else self.eos) + list(p.stop_token_ids)
+                banned = tuple(([] if p.ignore_eos else self.eos) + list(p.stop_token_ids))
                 if banned:
-                    logits[row, banned] = float("-inf")
+                    bans.setdefault(banned, []).append(row)
+        for banned, rows in bans.items():
+            r = torch.tensor(rows, device=logits.device)[:, None]
+            c = torch.tensor(banned, device=logits.device)[None, :]
+            logits[r, c] = float("-inf")
         out = logits.argmax(dim=-1).tolist()
         for row, (p, seq) in enumerate(zip(params, seqs, strict=True)):
             if not p.greedy:
-                out[row] = self._draw(logits[row], p, seq.generator)
+                out[row] = self._draw(logits[row].float(), p, seq.generator)
         return [int(t) for t in out]
 
     @staticmethod

@@ -20,7 +20,7 @@ from pathlib import Path
 from shared.catalog import TINY_MODEL_NAME
 
 # Bump when the recipe changes so cached builds are rebuilt, not reused.
-TINY_MODEL_VERSION = "1"
+TINY_MODEL_VERSION = "2"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -326,6 +326,8 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
 
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
+    # The flat preprocessor_config.json too: older transformers releases look only there.
+    image_processor.save_pretrained(staging)
     # Record the stock processor class, so hosts with torchvision load it with
     # AutoProcessor like any Qwen2-VL checkpoint.
     for name in ("processor_config.json", "tokenizer_config.json"):
