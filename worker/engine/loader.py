@@ -81,17 +81,17 @@ def download_s3_prefix(url: str, cache_dir: Path) -> Path:
 def load_processor(path: Path) -> Any:
     from transformers import AutoProcessor
 
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
     try:
         return AutoProcessor.from_pretrained(path)
     except (ImportError, ValueError, TypeError, OSError) as exc:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
         if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
         # Without torchvision the stock processor cannot build its video slot.
-        log.info("loading the image-only Qwen2-VL processor (%s)", type(exc).__name__)
-        from worker.engine.processors import ImageOnlyQwen2VLProcessor
+        log.info("loading Qwen2-VL's processor with PIL/PyAV video frames (%s)", type(exc).__name__)
+        from worker.engine.processors import FramesQwen2VLProcessor
 
-        return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+        return FramesQwen2VLProcessor.from_pretrained(path)
 
 
 def pick_device(requested: str) -> Any:

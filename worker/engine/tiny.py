@@ -20,7 +20,7 @@ from pathlib import Path
 from shared.catalog import TINY_MODEL_NAME
 
 # Bump when the recipe changes so cached builds are rebuilt, not reused.
-TINY_MODEL_VERSION = "1"
+TINY_MODEL_VERSION = "2"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -251,7 +251,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from worker.engine.processors import ImageOnlyQwen2VLProcessor
+    from worker.engine.processors import FramesQwen2VLProcessor, QwenVideoFrames
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +273,13 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64},
     )
-    processor = ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    # Videos: up to 16 merged tokens per pair of frames, so 32 frames cost 256 tokens.
+    video_frames = QwenVideoFrames(image_processor, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16})
+    processor = FramesQwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        video_processor=video_frames,
     )
 
     hidden = 64
