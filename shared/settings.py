@@ -34,7 +34,8 @@ def parse_modality_limits(value: object) -> object:
     """`image=4,video=1` (or a JSON-like dict); unnamed modalities keep their default."""
     if isinstance(value, str):
         pairs: dict[str, object] = {}
-        for item in split_commas(value.replace("{", "").replace("}", "").replace('"', "")):  # type: ignore[union-attr]
+        cleaned = value.replace("{", "").replace("}", "").replace('"', "")
+        for item in (part.strip() for part in cleaned.split(",") if part.strip()):
             name, sep, number = item.replace(":", "=").partition("=")
             if not sep:
                 raise ValueError(f"expected modality=count, got {item!r}")
@@ -44,7 +45,7 @@ def parse_modality_limits(value: object) -> object:
         unknown = set(value) - set(MEDIA_MODALITIES)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {', '.join(MEDIA_MODALITIES)}")
-        limits = {**DEFAULT_MM_LIMITS, **{k: int(v) for k, v in value.items()}}  # type: ignore[call-overload]
+        limits = {**DEFAULT_MM_LIMITS, **{str(k): int(v) for k, v in value.items()}}
         if any(v < 0 for v in limits.values()):
             raise ValueError("modality limits must be >= 0")
         return limits

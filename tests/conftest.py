@@ -278,3 +278,53 @@ def stack(model_cache, tmp_path_factory) -> Iterator[Stack]:
     finally:
         stop(processes)
         redis_server.process.terminate()
+
+
+# --- S3 (moto's server mode, over real HTTP) -----------------------------------
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str = "vlmq-media"
+    access_key_id: str = "testing"
+    secret_access_key: str = "testing"
+    region: str = "us-east-1"
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
+    def put(self, key: str, data: bytes, bucket: str | None = None) -> str:
+        self.client().put_object(Bucket=bucket or self.bucket, Key=key, Body=data)
+        return f"s3://{bucket or self.bucket}/{key}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "VLMQ_S3_ENDPOINT_URL": self.endpoint_url,
+            "VLMQ_S3_REGION": self.region,
+            "VLMQ_S3_ACCESS_KEY_ID": self.access_key_id,
+            "VLMQ_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    client = s3.client()
+    client.create_bucket(Bucket=s3.bucket)
+    client.create_bucket(Bucket="other-bucket")
+    yield s3
+    server.stop()

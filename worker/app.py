@@ -45,12 +45,7 @@ class WorkerResources:
             model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms
         ).start()
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
-        fetcher = MediaFetcher(
-            allowed_domains=settings.allowed_media_domains,
-            allow_private_networks=settings.media_allow_private_networks,
-            max_bytes=settings.media_max_bytes,
-            timeout=settings.image_fetch_timeout,
-        )
+        fetcher = MediaFetcher.from_settings(settings)
         runner = JobRunner(
             settings=settings,
             store=JobStore(redis, settings.result_ttl),
@@ -59,9 +54,8 @@ class WorkerResources:
             engine=engine,
             model_name=spec.name,
         )
-        heartbeat = Heartbeat(
-            redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, {"device": str(model.device)}
-        ).start()
+        info = {"device": str(model.device), "modalities": {spec.name: list(model.modalities)}}
+        heartbeat = Heartbeat(redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, info).start()
         return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat)
 
     def stop(self) -> None:

@@ -11,11 +11,13 @@ import threading
 from typing import Any
 
 from shared.errors import InvalidRequestError
-from shared.schemas import ImagePart, JobCreate, TextPart
+from shared.schemas import ImageEmbedsPart, JobCreate, MediaPart, TextPart
 from worker.engine.loader import LoadedModel
 from worker.engine.request import PreparedRequest, SamplingParams
 
 _ROLES = {"developer": "system"}
+# How each modality stands in a chat template's content parts.
+_TEMPLATE_TYPES = {"image": "image", "video": "video", "audio": "audio"}
 
 
 def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
@@ -30,8 +32,8 @@ def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
         for part in message.content:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
-            elif isinstance(part, ImagePart):
-                parts.append({"type": "image"})
+            else:
+                parts.append({"type": _TEMPLATE_TYPES[part.modality]})
         out.append({"role": role, "content": parts})
     return out
 
@@ -75,12 +77,52 @@ class Preparer:
             self._local.processor = processor
         return processor
 
-    def prepare(self, request: JobCreate, images: list[Any], request_id: str = "") -> PreparedRequest:
+    def prepare(self, request: JobCreate, media: list[Any], request_id: str = "") -> PreparedRequest:
+        """`media` holds one decoded item per media part, in the order of `request.media_parts()`."""
         processor = self._processor()
+        parts = [part for _, part in request.media_parts()]
+        for param, part in request.media_parts():
+            if part.modality not in self.model.modalities:
+                raise InvalidRequestError(
+                    f"The model '{self.model.name}' does not take {part.modality} input.",
+                    param=param,
+                    code="unsupported_modality",
+                )
         prompt = processor.apply_chat_template(hf_messages(request), add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+        images = [m for p, m in zip(parts, media, strict=True) if p.modality == "image" and not _embeds(p)]
+        embeds = [m for p, m in zip(parts, media, strict=True) if _embeds(p)]
+        videos = [m.frames for p, m in zip(parts, media, strict=True) if p.modality == "video"]
+        audio = [m.samples for p, m in zip(parts, media, strict=True) if p.modality == "audio"]
+        if embeds and images:
+            raise InvalidRequestError(
+                "A request may carry images or image_embeds, not both.", code="mixed_image_inputs"
+            )
+        kwargs: dict[str, Any] = {}
+        if embeds:
+            prompt = expand_image_slots(prompt, processor.image_token, [e.tokens for e in embeds])
+        if audio:
+            kwargs["sampling_rate"] = self.model.audio_sampling_rate
+        try:
+            inputs = dict(
+                processor(
+                    text=[prompt],
+                    images=images or None,
+                    videos=videos or None,
+                    audio=audio or None,
+                    return_tensors="pt",
+                    **kwargs,
+                )
+            )
+        except ValueError as exc:
+            # The processor's own input checks (sizes, counts): the request's to fix.
+            raise InvalidRequestError(f"The media could not be prepared for this model: {exc}") from None
+        if embeds:
+            import torch
+
+            inputs["image_embeds"] = torch.cat([e.embeds for e in embeds]).to(self.model.dtype)
+            inputs["image_grid_thw"] = torch.cat([e.grid_thw for e in embeds])
         params = sampling_params(request, self.model, self.default_max_tokens)
-        prepared = PreparedRequest(inputs=dict(inputs), params=params, request_id=request_id)
+        prepared = PreparedRequest(inputs=inputs, params=params, request_id=request_id)
         budget = self.model.max_context
         if prepared.prompt_tokens + params.max_new_tokens > budget:
             raise InvalidRequestError(
@@ -90,3 +132,25 @@ class Preparer:
                 code="context_length_exceeded",
             )
         return prepared
+
+
+def _embeds(part: MediaPart) -> bool:
+    return isinstance(part, ImageEmbedsPart)
+
+
+def expand_image_slots(prompt: str, image_token: str, tokens: list[int]) -> str:
+    """Give each image slot of a templated prompt as many image tokens as its embeddings have.
+
+    The processor does this for pixel images from their grids; embeddings
+    come with their grid already applied, so their slots are expanded here
+    and the processor is given no images.
+    """
+    pieces = prompt.split(image_token)
+    if len(pieces) - 1 != len(tokens):
+        raise InvalidRequestError(
+            f"The prompt has {len(pieces) - 1} image slots for {len(tokens)} image_embeds.", code="image_slots"
+        )
+    out = [pieces[0]]
+    for count, piece in zip(tokens, pieces[1:], strict=True):
+        out.append(image_token * count + piece)
+    return "".join(out)

@@ -115,14 +115,14 @@ class FramesQwen2VLProcessor(Qwen2VLProcessor):
         self.video_processor = frames if isinstance(frames, QwenVideoFrames) else QwenVideoFrames(image_processor)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):  # type: ignore[override]
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         processor.video_processor = QwenVideoFrames.for_checkpoint(
             Path(pretrained_model_name_or_path), processor.image_processor
         )
         return processor
 
-    def save_pretrained(self, save_directory, **kwargs):  # type: ignore[override]
+    def save_pretrained(self, save_directory, **kwargs):
         saved = super().save_pretrained(save_directory, **kwargs)
         # The stock video processor's config: a host with torchvision loads the same sizes.
         (Path(save_directory) / VIDEO_CONFIG).write_text(json.dumps(self.video_processor.to_dict(), indent=2))

@@ -258,7 +258,7 @@ class MediaFetcher:
                 if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                     raise _too_large(limits.max_bytes, param)
                 body = bytearray()
-                for chunk in response.iter_bytes(CHUNK):
+                for chunk in response.iter_bytes():
                     body += chunk
                     if len(body) > limits.max_bytes:
                         raise _too_large(limits.max_bytes, param)
