@@ -26,5 +26,8 @@ def with_image_embeds(batch: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("a batch gives images either as pixel_values or as image_embeds, not both")
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(embeds,))}
+    # A tuple of per-image tensors is what get_image_features returns (forward concatenates it);
+    # one tensor of all of them, in order, is the same thing.
+    output = BaseModelOutputWithPooling(pooler_output=(embeds,))  # type: ignore[arg-type]
+    batch["mm_encoder_outputs"] = {"image": output}
     return batch

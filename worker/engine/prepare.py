@@ -97,30 +97,24 @@ class Preparer:
             raise InvalidRequestError(
                 "A request may carry images or image_embeds, not both.", code="mixed_image_inputs"
             )
-        kwargs: dict[str, Any] = {}
         if embeds:
-            prompt = expand_image_slots(prompt, processor.image_token, [e.tokens for e in embeds])
-        if audio:
-            kwargs["sampling_rate"] = self.model.audio_sampling_rate
-        try:
-            inputs = dict(
-                processor(
-                    text=[prompt],
-                    images=images or None,
-                    videos=videos or None,
-                    audio=audio or None,
-                    return_tensors="pt",
-                    **kwargs,
+            inputs = self._with_embeds(processor, prompt, embeds, videos)
+        else:
+            kwargs: dict[str, Any] = {"sampling_rate": self.model.audio_sampling_rate} if audio else {}
+            try:
+                inputs = dict(
+                    processor(
+                        text=[prompt],
+                        images=images or None,
+                        videos=videos or None,
+                        audio=audio or None,
+                        return_tensors="pt",
+                        **kwargs,
+                    )
                 )
-            )
-        except ValueError as exc:
-            # The processor's own input checks (sizes, counts): the request's to fix.
-            raise InvalidRequestError(f"The media could not be prepared for this model: {exc}") from None
-        if embeds:
-            import torch
-
-            inputs["image_embeds"] = torch.cat([e.embeds for e in embeds]).to(self.model.dtype)
-            inputs["image_grid_thw"] = torch.cat([e.grid_thw for e in embeds])
+            except ValueError as exc:
+                # The processor's own input checks (sizes, counts): the request's to fix.
+                raise InvalidRequestError(f"The media could not be prepared for this model: {exc}") from None
         params = sampling_params(request, self.model, self.default_max_tokens)
         prepared = PreparedRequest(inputs=inputs, params=params, request_id=request_id)
         budget = self.model.max_context
@@ -133,22 +127,41 @@ class Preparer:
             )
         return prepared
 
+    def _with_embeds(self, processor: Any, prompt: str, embeds: list[Any], videos: list[Any]) -> dict[str, Any]:
+        """Inputs for a request whose images come as embeddings (Qwen2-VL family).
+
+        The processor refuses image tokens without pixels, so the slots are
+        expanded here (from each embedding's grid) and the text tokenized
+        directly; videos still go through the processor's video path.
+        """
+        import torch
+
+        inputs: dict[str, Any] = {}
+        prompt = expand_image_slots(prompt, processor.image_token, [e.tokens for e in embeds])
+        if videos:
+            inputs.update(processor.video_processor(videos, return_tensors="pt"))
+            merge = processor.video_processor.merge_size**2
+            counts = [int(grid.prod()) // merge for grid in inputs["video_grid_thw"]]
+            prompt = expand_image_slots(prompt, processor.video_token, counts)
+        text = processor.tokenizer([prompt], return_tensors="pt")
+        inputs["input_ids"] = text["input_ids"]
+        inputs["attention_mask"] = text["attention_mask"]
+        inputs["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(text["input_ids"]))
+        inputs["image_embeds"] = torch.cat([e.embeds for e in embeds]).to(self.model.dtype)
+        inputs["image_grid_thw"] = torch.cat([e.grid_thw for e in embeds])
+        return inputs
+
 
 def _embeds(part: MediaPart) -> bool:
     return isinstance(part, ImageEmbedsPart)
 
 
 def expand_image_slots(prompt: str, image_token: str, tokens: list[int]) -> str:
-    """Give each image slot of a templated prompt as many image tokens as its embeddings have.
-
-    The processor does this for pixel images from their grids; embeddings
-    come with their grid already applied, so their slots are expanded here
-    and the processor is given no images.
-    """
+    """Give each slot of `image_token` in a templated prompt its number of tokens, in order."""
     pieces = prompt.split(image_token)
     if len(pieces) - 1 != len(tokens):
         raise InvalidRequestError(
-            f"The prompt has {len(pieces) - 1} image slots for {len(tokens)} image_embeds.", code="image_slots"
+            f"The prompt has {len(pieces) - 1} media slots for {len(tokens)} items.", code="media_slots"
         )
     out = [pieces[0]]
     for count, piece in zip(tokens, pieces[1:], strict=True):
