@@ -36,4 +36,9 @@ async def chat_completions(body: JobCreate, state: StateDep, tenant: TenantDep) 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: StateDep, tenant: TenantDep) -> ModelList:
     served = await state.submitter.served_models()
-    return ModelList(data=[ModelCard(id=name, workers=count) for name, count in served.items()])
+    return ModelList(
+        data=[
+            ModelCard(id=name, workers=entry.workers, modalities=entry.modalities or [])
+            for name, entry in served.items()
+        ]
+    )

@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
 from api_gateway.config import GatewaySettings
 from shared import keys
-from shared.catalog import queue_name
+from shared.catalog import BUNDLED_MODELS, queue_name
 from shared.errors import TransientError, UnsupportedModelError
-from shared.media_policy import check_media_url
+from shared.media_policy import check_request_media
 from shared.queues import RUN_JOB_TASK, make_celery
 from shared.schemas import JobCreate
 from shared.store import AsyncJobStore, JobRecord, new_job_id
@@ -29,40 +30,62 @@ async def live_workers(redis: Any) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in await redis.mget(names) if raw]
 
 
+@dataclass
+class ServedModel:
+    workers: int
+    modalities: list[str] | None
+
+
 class Submitter:
     def __init__(self, settings: GatewaySettings, redis: Any, store: AsyncJobStore) -> None:
-        self._configured = {spec.name for spec in settings.models}
-        self._allowed_domains = settings.allowed_media_domains
+        self._settings = settings
+        self._configured = {spec.name: spec.modalities for spec in settings.models}
         self._redis = redis
         self._store = store
         self._celery = make_celery(settings, "vlmq-gateway")
 
-    async def served_models(self) -> dict[str, int]:
-        """Model name -> number of live workers serving it (configured models included at 0)."""
-        counts = dict.fromkeys(sorted(self._configured), 0)
-        for beat in await live_workers(self._redis):
-            for model in beat.get("models", []):
-                counts[model] = counts.get(model, 0) + 1
-        return counts
+    async def served_models(self) -> dict[str, ServedModel]:
+        """Model name -> live workers serving it and its modalities (configured models included at 0).
 
-    async def check_model(self, model: str) -> None:
-        if model in self._configured:
-            return
-        if model not in await self.served_models():
+        Bundled models' modalities are known statically; any other model's
+        come from the heartbeats of the workers that loaded it.
+        """
+        served = {
+            name: ServedModel(0, list(modalities) if modalities else None)
+            for name, modalities in sorted(self._configured.items())
+        }
+        for beat in await live_workers(self._redis):
+            announced = beat.get("modalities") or {}
+            for model in beat.get("models", []):
+                entry = served.setdefault(model, ServedModel(0, None))
+                entry.workers += 1
+                if entry.modalities is None and announced.get(model):
+                    entry.modalities = list(announced[model])
+        for name, entry in served.items():
+            if entry.modalities is None and name in BUNDLED_MODELS:
+                entry.modalities = list(BUNDLED_MODELS[name])
+        return served
+
+    async def check_model(self, model: str) -> list[str] | None:
+        """Refuse a model nobody serves; return its modalities when known."""
+        known = self._configured.get(model)
+        if known:
+            return list(known)
+        served = await self.served_models()
+        if model not in served:
             raise UnsupportedModelError(
                 f"The model '{model}' does not exist or is not served here; GET /v1/models lists the models.",
                 param="model",
             )
+        return served[model].modalities
 
-    def check_media(self, request: JobCreate) -> None:
+    def check_media(self, request: JobCreate, modalities: list[str] | None) -> None:
         """Refuse media the worker would refuse, before anything is queued."""
-        for param, part in request.media_parts():
-            if part.image_url is not None:
-                check_media_url(part.image_url.url, self._allowed_domains, f"{param}.image_url.url")
+        check_request_media(request, self._settings, modalities)
 
     async def submit(self, tenant: str, request: JobCreate) -> JobRecord:
-        await self.check_model(request.model)
-        self.check_media(request)
+        modalities = await self.check_model(request.model)
+        self.check_media(request, modalities)
         record = JobRecord(
             id=new_job_id(),
             tenant=tenant,

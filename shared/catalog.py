@@ -6,7 +6,24 @@ import re
 from dataclasses import dataclass
 
 TINY_MODEL_NAME = "vlmq-tiny-qwen2-vl"
-BUNDLED_MODELS = frozenset({TINY_MODEL_NAME})
+TINY_AUDIO_MODEL_NAME = "vlmq-tiny-qwen2-audio"
+
+# The input modalities a model takes. Text is always one of them; the media
+# ones are the keys of VLMQ_LIMIT_MM_PER_PROMPT.
+TEXT = "text"
+IMAGE = "image"
+VIDEO = "video"
+AUDIO = "audio"
+MEDIA_MODALITIES = (IMAGE, VIDEO, AUDIO)
+
+# Bundled models, built offline on first use, and what each one accepts. The
+# gateway knows these statically; other models' modalities come from the
+# heartbeats of the workers serving them.
+BUNDLED_MODELS: dict[str, tuple[str, ...]] = {
+    TINY_MODEL_NAME: (TEXT, IMAGE, VIDEO),
+    TINY_AUDIO_MODEL_NAME: (TEXT, AUDIO),
+}
+DEFAULT_MODELS = ",".join(BUNDLED_MODELS)
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -19,6 +36,11 @@ class ModelSpec:
     @property
     def bundled(self) -> bool:
         return self.source in BUNDLED_MODELS
+
+    @property
+    def modalities(self) -> tuple[str, ...] | None:
+        """Known without loading the model only for bundled ones."""
+        return BUNDLED_MODELS.get(self.source)
 
     @property
     def queue(self) -> str:

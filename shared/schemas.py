@@ -7,7 +7,7 @@ Completions body plus job options), `JobPublic` what it reads back.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -35,6 +35,9 @@ class _Strict(BaseModel):
 
 
 # --- content parts -----------------------------------------------------------
+#
+# As vLLM accepts them. Every media part may carry a `uuid`; a media part
+# whose value is null refers by that uuid to media the service has seen.
 
 
 class TextPart(_Strict):
@@ -42,24 +45,146 @@ class TextPart(_Strict):
     text: str
 
 
-class ImageURL(_Strict):
+class MediaURL(_Strict):
     url: str = Field(min_length=1)
+
+
+class ImageURL(MediaURL):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImagePart(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL | None
+# What `input_audio.format` may name: the containers the audio decoders read.
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm")
+
+
+class InputAudio(_Strict):
+    data: str = Field(min_length=1, description="base64 of the audio file")
+    format: str = Field(description=f"one of {', '.join(AUDIO_FORMATS)}")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        value = value.lower()
+        if value not in AUDIO_FORMATS:
+            raise ValueError(f"audio format must be one of {', '.join(AUDIO_FORMATS)}")
+        return value
+
+
+class _MediaPart(_Strict):
+    """A part that carries media: its payload lives in the field named like its type."""
+
+    modality: ClassVar[str]
     uuid: str | None = Field(default=None, min_length=1, max_length=256)
 
+    @property
+    def media(self) -> Any:
+        return getattr(self, self.type)  # type: ignore[attr-defined]
+
+    @property
+    def url(self) -> str | None:
+        media = self.media
+        return media.url if isinstance(media, MediaURL) else None
+
+    @property
+    def url_param(self) -> str:
+        """Where in the part the fetched value sits, for error `param`s."""
+        return f"{self.type}.url"  # type: ignore[attr-defined]
+
     @model_validator(mode="after")
-    def _media_or_uuid(self) -> ImagePart:
-        if self.image_url is None and self.uuid is None:
-            raise ValueError("image_url is null: give the image, or a uuid of media sent before")
+    def _media_or_uuid(self) -> _MediaPart:
+        if self.media is None and self.uuid is None:
+            kind = self.type  # type: ignore[attr-defined]
+            raise ValueError(f"{kind} is null: give the media, or a uuid of media sent before")
         return self
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class ImagePart(_MediaPart):
+    modality: ClassVar[str] = "image"
+    type: Literal["image_url"]
+    image_url: ImageURL | None
+
+
+class VideoPart(_MediaPart):
+    modality: ClassVar[str] = "video"
+    type: Literal["video_url"]
+    video_url: MediaURL | None
+
+
+class AudioURLPart(_MediaPart):
+    modality: ClassVar[str] = "audio"
+    type: Literal["audio_url"]
+    audio_url: MediaURL | None
+
+
+class InputAudioPart(_MediaPart):
+    modality: ClassVar[str] = "audio"
+    type: Literal["input_audio"]
+    input_audio: InputAudio | None
+
+    @property
+    def url_param(self) -> str:
+        return "input_audio.data"
+
+
+class ImageEmbedsPart(_MediaPart):
+    """Precomputed image embeddings: a base64 tensor, or a dict of them (the
+    embeddings under `image_embeds` plus the model's extra tensors, e.g.
+    Qwen2-VL's `image_grid_thw`)."""
+
+    modality: ClassVar[str] = "image"
+    type: Literal["image_embeds"]
+    image_embeds: str | dict[str, str] | None
+
+    @property
+    def url_param(self) -> str:
+        return "image_embeds"
+
+    @field_validator("image_embeds")
+    @classmethod
+    def _needs_embeds(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        if isinstance(value, dict) and "image_embeds" not in value:
+            raise ValueError("a dict of tensors needs its 'image_embeds' entry")
+        if isinstance(value, dict) and len(value) > 8:
+            raise ValueError("at most 8 tensors")
+        return value
+
+
+MediaPart = ImagePart | VideoPart | AudioURLPart | InputAudioPart | ImageEmbedsPart
+ContentPart = Annotated[
+    TextPart | ImagePart | VideoPart | AudioURLPart | InputAudioPart | ImageEmbedsPart,
+    Field(discriminator="type"),
+]
+
+
+class ImageIOKwargs(_Strict):
+    rgba_background_color: tuple[int, int, int] | None = Field(
+        default=None, description="[R, G, B], 0-255: what transparent pixels become"
+    )
+
+    @field_validator("rgba_background_color")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and any(not 0 <= c <= 255 for c in value):
+            raise ValueError("each colour value is between 0 and 255")
+        return value
+
+
+class VideoIOKwargs(_Strict):
+    num_frames: int | None = Field(default=None, ge=1, description="frames sampled uniformly over the video")
+    fps: float | None = Field(default=None, gt=0, le=60, description="or: frames sampled per second")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> VideoIOKwargs:
+        if self.num_frames is not None and self.fps is not None:
+            raise ValueError("num_frames and fps are mutually exclusive")
+        return self
+
+
+class MediaIOKwargs(_Strict):
+    """Per-request decoding options, as vLLM's `media_io_kwargs`."""
+
+    image: ImageIOKwargs = Field(default_factory=ImageIOKwargs)
+    video: VideoIOKwargs = Field(default_factory=VideoIOKwargs)
 
 
 class Message(_Strict):
@@ -80,7 +205,7 @@ class Message(_Strict):
         return self
 
     @property
-    def parts(self) -> list[TextPart | ImagePart]:
+    def parts(self) -> list[TextPart | MediaPart]:
         if self.content is None:
             return []
         if isinstance(self.content, str):
@@ -111,6 +236,7 @@ class JobCreate(_Strict):
     stream: bool = Field(default=False, description="Streaming is not offered; must be false.")
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    media_io_kwargs: MediaIOKwargs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -140,15 +266,21 @@ class JobCreate(_Strict):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def media_parts(self) -> list[tuple[str, ImagePart]]:
+    def media_parts(self) -> list[tuple[str, MediaPart]]:
         """(param path, part) for every media part, in the order they stand."""
-        found = []
+        found: list[tuple[str, MediaPart]] = []
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
-                    if isinstance(part, ImagePart):
+                    if not isinstance(part, TextPart):
                         found.append((f"messages[{i}].content[{j}]", part))
         return found
+
+    def modality_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, part in self.media_parts():
+            counts[part.modality] = counts.get(part.modality, 0) + 1
+        return counts
 
 
 # --- results -----------------------------------------------------------------
@@ -226,6 +358,9 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "vlmq"
     workers: int = 0
+    # Input modalities ("text", "image", "video", "audio"); empty while no
+    # worker has said what an unbundled model takes.
+    modalities: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -23,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "vlmq-tiny-qwen2-vl"
+AUDIO_MODEL = "vlmq-tiny-qwen2-audio"
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
 
 
@@ -103,11 +104,12 @@ def redis_client(redis_server):
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """A model cache holding the bundled tiny model, built once per test session."""
-    from worker.engine.tiny import ensure_tiny_model
+    """A model cache holding the bundled tiny models, built once per test session."""
+    from worker.engine.tiny import ensure_bundled_model
 
     cache = tmp_path_factory.mktemp("models")
-    ensure_tiny_model(cache)
+    for name in (MODEL, AUDIO_MODEL):
+        ensure_bundled_model(name, cache)
     return cache
 
 
@@ -118,6 +120,15 @@ def tiny(model_cache):
     from worker.engine.loader import load_model
 
     return load_model(ModelSpec(MODEL, MODEL), cache_dir=model_cache, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_audio(model_cache):
+    """The tiny Qwen2-Audio model loaded in this process (float32, CPU)."""
+    from shared.catalog import ModelSpec
+    from worker.engine.loader import load_model
+
+    return load_model(ModelSpec(AUDIO_MODEL, AUDIO_MODEL), cache_dir=model_cache, device="cpu", dtype="float32")
 
 
 # --- media -------------------------------------------------------------------
@@ -234,14 +245,21 @@ def spawn(name: str, args: list[str], env: dict[str, str], logs: Path) -> subpro
     return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, stdout=out, stderr=out, cwd=REPO)
 
 
-def wait_ready(base_url: str, processes: dict[str, subprocess.Popen], logs: Path, timeout: float = 120) -> None:
+def wait_ready(
+    base_url: str,
+    processes: dict[str, subprocess.Popen],
+    logs: Path,
+    timeout: float = 120,
+    models: set[str] | None = None,
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         for name, proc in processes.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: {(logs / f'{name}.log').read_text()[-3000:]}")
         try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+            reply = httpx.get(f"{base_url}/readyz", timeout=2)
+            if reply.status_code == 200 and (models is None or models <= set(reply.json()["models"])):
                 return
         except httpx.HTTPError:
             pass
@@ -261,20 +279,87 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(model_cache, tmp_path_factory) -> Iterator[Stack]:
+def local_media(tmp_path_factory) -> Path:
+    """The stack's VLMQ_ALLOWED_LOCAL_MEDIA_PATH."""
+    return tmp_path_factory.mktemp("local-media")
+
+
+@pytest.fixture(scope="session")
+def stack(model_cache, tmp_path_factory, s3_server, local_media) -> Iterator[Stack]:
     # Its own Redis: other tests flush theirs.
     redis_server = start_redis(tmp_path_factory.mktemp("stack-redis"))
     logs = tmp_path_factory.mktemp("stack-logs")
     port = free_port()
-    env = stack_env(redis_server.url, model_cache, VLMQ_BATCH_WINDOW_MS="20")
+    env = stack_env(
+        redis_server.url,
+        model_cache,
+        VLMQ_BATCH_WINDOW_MS="20",
+        VLMQ_MODEL=f"{MODEL},{AUDIO_MODEL}",
+        VLMQ_ENABLE_MM_EMBEDS="1",
+        VLMQ_ALLOWED_LOCAL_MEDIA_PATH=str(local_media),
+        VLMQ_S3_ALLOWED_BUCKETS=s3_server.bucket,
+        VLMQ_MEDIA_FETCH_RETRIES="1",
+        **s3_server.env(),
+    )
     processes = {
-        "worker": spawn("worker", ["worker", "--concurrency", "8"], env, logs),
+        "worker": spawn("worker", ["worker", "--model", MODEL, "--concurrency", "8"], env, logs),
+        "audio-worker": spawn("audio-worker", ["worker", "--model", AUDIO_MODEL, "--concurrency", "4"], env, logs),
         "gateway": spawn("gateway", ["gateway", "--port", str(port)], env, logs),
     }
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base_url, processes, logs)
+        wait_ready(base_url, processes, logs, models={MODEL, AUDIO_MODEL})
         yield Stack(base_url=base_url, redis=redis_server, processes=processes, logs=logs)
     finally:
         stop(processes)
         redis_server.process.terminate()
+
+
+# --- S3 (moto's server mode, over real HTTP) -----------------------------------
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str = "vlmq-media"
+    access_key_id: str = "testing"
+    secret_access_key: str = "testing"
+    region: str = "us-east-1"
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
+    def put(self, key: str, data: bytes, bucket: str | None = None) -> str:
+        self.client().put_object(Bucket=bucket or self.bucket, Key=key, Body=data)
+        return f"s3://{bucket or self.bucket}/{key}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "VLMQ_S3_ENDPOINT_URL": self.endpoint_url,
+            "VLMQ_S3_REGION": self.region,
+            "VLMQ_S3_ACCESS_KEY_ID": self.access_key_id,
+            "VLMQ_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    client = s3.client()
+    client.create_bucket(Bucket=s3.bucket)
+    client.create_bucket(Bucket="other-bucket")
+    yield s3
+    server.stop()

@@ -171,3 +171,29 @@ def test_gateway_and_worker_share_broker_and_models(services: dict[str, dict[str
     for key in ("VLMQ_REDIS_URL", "VLMQ_MODEL"):
         assert gateway[key] == worker[key], f"{key} differs: jobs would go to a queue no worker consumes"
     assert urlsplit(gateway["VLMQ_REDIS_URL"]).hostname in services
+
+
+def test_minio_serves_s3_with_its_bucket_created_at_start(services: dict[str, dict[str, Any]]) -> None:
+    minio = services["minio"]
+    assert str(minio["image"]).startswith("minio/minio")
+    assert command_words(minio)[:2] == ["server", "/data"]
+    assert any(str(v).split(":")[-1] == "/data" for v in minio.get("volumes", [])), "objects need a volume"
+    assert "mc" in command_words({"command": minio["healthcheck"]["test"]})
+    assert environment(minio)["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?"), "no default password"
+
+    init = services["minio-init"]
+    assert str(init["image"]).startswith("minio/mc")
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert str(init.get("restart")) == "no", "bucket creation is one-shot"
+    script = " ".join(command_words(init))
+    assert "mc mb --ignore-existing" in script and "http://minio:9000" in script
+
+    worker, gateway = services["worker"], services["gateway"]
+    assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    worker_env = environment(worker)
+    assert urlsplit(worker_env["VLMQ_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert worker_env["VLMQ_S3_ACCESS_KEY_ID"] == environment(minio)["MINIO_ROOT_USER"]
+    assert worker_env["VLMQ_S3_SECRET_ACCESS_KEY"] == environment(minio)["MINIO_ROOT_PASSWORD"]
+    # The bucket the init job creates is the one both services allow.
+    bucket = environment(init)["MEDIA_BUCKET"]
+    assert worker_env["VLMQ_S3_ALLOWED_BUCKETS"] == environment(gateway)["VLMQ_S3_ALLOWED_BUCKETS"] == bucket

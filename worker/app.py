@@ -42,12 +42,7 @@ class WorkerResources:
         model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
         engine = build_engine(model, settings).start()
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
-        fetcher = MediaFetcher(
-            allowed_domains=settings.allowed_media_domains,
-            allow_private_networks=settings.media_allow_private_networks,
-            max_bytes=settings.media_max_bytes,
-            timeout=settings.image_fetch_timeout,
-        )
+        fetcher = MediaFetcher.from_settings(settings)
         runner = JobRunner(
             settings=settings,
             store=JobStore(redis, settings.result_ttl),
@@ -56,9 +51,8 @@ class WorkerResources:
             engine=engine,
             model_name=spec.name,
         )
-        heartbeat = Heartbeat(
-            redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, {"device": str(model.device)}
-        ).start()
+        info = {"device": str(model.device), "modalities": {spec.name: list(model.modalities)}}
+        heartbeat = Heartbeat(redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, info).start()
         return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat)
 
     def stop(self) -> None:

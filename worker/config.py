@@ -3,11 +3,25 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from shared.catalog import ModelSpec
 from shared.settings import SharedSettings
+
+RGB = Annotated[tuple[int, int, int], NoDecode]
+
+
+def parse_rgb(value: object) -> object:
+    """`255,255,255` as people write it in an environment variable."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.strip("()[] ").split(",")]
+        if len(parts) != 3 or not all(p.isdigit() and int(p) <= 255 for p in parts):
+            raise ValueError("expected R,G,B with each value 0-255")
+        return tuple(int(p) for p in parts)
+    return value
 
 
 def _default_cache_dir() -> Path:
@@ -35,9 +49,29 @@ class WorkerSettings(SharedSettings):
     cuda_graphs: bool = True
     default_max_tokens: int = Field(default=256, ge=1)
     max_attempts: int = Field(default=3, ge=1)
-    media_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    # --- media: fetching (worker.media.fetch) ---
+    media_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)  # images, audio, embeddings
+    video_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     image_fetch_timeout: float = Field(default=5.0, gt=0)
+    video_fetch_timeout: float = Field(default=30.0, gt=0)
+    audio_fetch_timeout: float = Field(default=10.0, gt=0)
+    # Extra tries, with backoff, after a transient failure (timeout, reset, 5xx).
+    media_fetch_retries: int = Field(default=2, ge=0, le=10)
+    # Off: a redirect fails the fetch. On: at most 5 hops, each re-checked.
+    media_allow_redirects: bool = False
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # --- media: decoding (worker.media.image / video / audio / embeds) ---
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    rgba_background: RGB = (255, 255, 255)
+    video_num_frames: int = Field(default=32, ge=1)
+    video_max_duration: float = Field(default=600.0, gt=0)
+    video_decode_timeout: float = Field(default=30.0, gt=0)
+    audio_max_duration: float = Field(default=30.0, gt=0)
+
+    _rgb = field_validator("rgba_background", mode="before")(parse_rgb)
 
     @property
     def served_model(self) -> ModelSpec:

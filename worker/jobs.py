@@ -13,14 +13,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import ClientError, InternalError, TransientError, VlmqError, error_body
-from shared.media_policy import check_media_url
-from shared.schemas import ChatCompletion, JobCreate, JobStatus, parse_job_request
+from shared.media_policy import MediaPolicy, check_media_url, check_request_media
+from shared.schemas import (
+    AudioURLPart,
+    ChatCompletion,
+    ImageEmbedsPart,
+    ImagePart,
+    InputAudioPart,
+    JobCreate,
+    JobStatus,
+    MediaPart,
+    VideoPart,
+    parse_job_request,
+)
 from shared.store import JobRecord, JobStore
 from worker.config import WorkerSettings
 from worker.engine.prepare import Preparer
 from worker.engine.request import Generation
+from worker.media.audio import decode_audio
+from worker.media.embeds import decode_image_embeds
 from worker.media.fetch import MediaFetcher
 from worker.media.image import decode_image
+from worker.media.video import decode_frame_list, decode_video
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +89,8 @@ class JobRunner:
     def _execute(self, record: JobRecord, started: float) -> None:
         request = parse_job_request(record.request)
         media_started = time.perf_counter()
-        images = self._resolve_media(request)
-        prepared = self.preparer.prepare(request, images, request_id=record.id)
+        media = self._resolve_media(request)
+        prepared = self.preparer.prepare(request, media, request_id=record.id)
         media_ms = (time.perf_counter() - media_started) * 1000
         generation: Generation = self.engine.submit(prepared).result()
         result = completion(record, generation)
@@ -97,19 +111,95 @@ class JobRunner:
             log.info("job %s finished after it was cancelled; result discarded", record.id)
 
     def _resolve_media(self, request: JobCreate) -> list[Any]:
-        images = []
-        for param, part in request.media_parts():
-            if part.image_url is None:
+        """Fetch and decode every media part, in order; the same checks as the gateway run first."""
+        model = self.preparer.model
+        check_request_media(request, self.settings, model.modalities)
+        if any(isinstance(p, ImageEmbedsPart) for _, p in request.media_parts()) and not getattr(
+            self.engine, "accepts_image_embeds", False
+        ):
+            raise ClientError(
+                "This worker's engine cannot take image_embeds yet.", param="messages", code="mm_embeds_unsupported"
+            )
+        return [self._resolve_part(request, param, part) for param, part in request.media_parts()]
+
+    def _resolve_part(self, request: JobCreate, param: str, part: MediaPart) -> Any:
+        if part.media is None:
+            raise ClientError(
+                "Media referenced by uuid alone needs the media cache, which this worker does not have yet.",
+                param=param,
+                code="media_cache_unavailable",
+            )
+        settings = self.settings
+        model = self.preparer.model
+        io_kwargs = request.media_io_kwargs
+        source = f"{param}.{part.url_param}"
+        if isinstance(part, ImageEmbedsPart):
+            if model.embeds_hidden_size is None:
                 raise ClientError(
-                    "Media referenced by uuid alone needs the media cache, which this worker does not have yet.",
-                    param=param,
-                    code="media_cache_unavailable",
+                    f"The model '{model.name}' does not take image_embeds.", param=param, code="unsupported_modality"
                 )
-            url = part.image_url.url
-            check_media_url(url, self.settings.allowed_media_domains, f"{param}.image_url.url")
-            data = self.fetcher.fetch(url, param=f"{param}.image_url.url")
-            images.append(decode_image(data, max_pixels=self.settings.max_image_pixels, param=param))
-        return images
+            value = part.image_embeds
+            named = {"image_embeds": value} if isinstance(value, str) else dict(value or {})
+            tensors = {
+                name: self.fetcher.decode_base64(data, modality="image", param=f"{source}.{name}")
+                for name, data in named.items()
+            }
+            return decode_image_embeds(
+                tensors,
+                hidden_size=model.embeds_hidden_size,
+                merge_size=model.embeds_merge_size,
+                max_tokens=model.max_context,
+                param=param,
+            )
+        if isinstance(part, InputAudioPart):
+            assert part.input_audio is not None
+            data = self.fetcher.decode_base64(part.input_audio.data, modality="audio", param=source)
+            return self._audio(data, param, part.input_audio.format)
+
+        url = part.url
+        assert url is not None
+        check_media_url(url, MediaPolicy.from_settings(settings), source)
+        fetched = self.fetcher.fetch(url, modality=part.modality, param=source)
+        if isinstance(part, ImagePart):
+            background = (io_kwargs.image.rgba_background_color if io_kwargs else None) or settings.rgba_background
+            return decode_image(fetched.data, max_pixels=settings.max_image_pixels, background=background, param=param)
+        if isinstance(part, VideoPart):
+            num_frames = (io_kwargs.video.num_frames if io_kwargs else None) or settings.video_num_frames
+            fps = io_kwargs.video.fps if io_kwargs else None
+            if fetched.frames is not None:
+                return decode_frame_list(
+                    fetched.frames,
+                    num_frames=min(num_frames, settings.video_max_frames),
+                    max_pixels=settings.max_image_pixels,
+                    background=settings.rgba_background,
+                    param=param,
+                )
+            return decode_video(
+                fetched.data,
+                num_frames=None if fps else num_frames,
+                fps=fps,
+                max_frames=settings.video_max_frames,
+                max_duration=settings.video_max_duration,
+                max_pixels=settings.max_image_pixels,
+                timeout=settings.video_decode_timeout,
+                param=param,
+            )
+        if isinstance(part, AudioURLPart):
+            return self._audio(fetched.data, param, None)
+        raise ClientError(f"Unsupported content part {part.type}.", param=param)
+
+    def _audio(self, data: bytes, param: str, format_hint: str | None) -> Any:
+        model = self.preparer.model
+        if model.audio_sampling_rate is None:
+            raise ClientError(
+                f"The model '{model.name}' does not take audio.", param=param, code="unsupported_modality"
+            )
+        limit = self.settings.audio_max_duration
+        if model.audio_max_seconds:
+            limit = min(limit, model.audio_max_seconds)
+        return decode_audio(
+            data, sampling_rate=model.audio_sampling_rate, max_duration=limit, format_hint=format_hint, param=param
+        )
 
     def _fail(self, job_id: str, exc: BaseException) -> None:
         fields = {"error": error_body(exc), "completed_at": time.time()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -204,3 +205,37 @@ def test_sync_endpoint_times_out_with_a_pointer_to_the_job(redis_server, redis_c
     reply = asyncio.run(go())
     error = error_of(reply, 504)
     assert error["code"].startswith("job_") and "poll" in error["message"]
+
+
+def test_media_rules_at_submit(gateway):
+    red = {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png"}}
+
+    def with_parts(*parts, **extra):
+        return job(messages=[{"role": "user", "content": [*parts, {"type": "text", "text": "x"}]}], **extra)
+
+    assert gateway.post("/v1/jobs", json=with_parts(red, red, red, red)).status_code == 202
+    too_many = error_of(gateway.post("/v1/jobs", json=with_parts(*[red] * 5)), 400)
+    assert too_many["code"] == "too_many_media_items"
+    assert "VLMQ_LIMIT_MM_PER_PROMPT=image=4,video=1,audio=1" in too_many["message"]
+    embeds = error_of(gateway.post("/v1/jobs", json=with_parts({"type": "image_embeds", "image_embeds": "AA=="})), 400)
+    assert embeds["code"] == "mm_embeds_disabled" and "VLMQ_ENABLE_MM_EMBEDS" in embeds["message"]
+    assert embeds["param"] == "messages[0].content[0]"
+    audio = {"type": "audio_url", "audio_url": {"url": "https://images.example.com/a.wav"}}
+    unsupported = error_of(gateway.post("/v1/jobs", json=with_parts(audio)), 400)
+    assert unsupported["code"] == "unsupported_modality" and "audio" in unsupported["message"]
+    numeric = {"type": "video_url", "video_url": {"url": "http://0x7f.1/a.mp4"}}
+    assert error_of(gateway.post("/v1/jobs", json=with_parts(numeric)), 400)["code"] == "domain_not_allowed"
+    for bad in ({"video": {"num_frames": 2, "fps": 1}}, {"image": {"rgba_background_color": [0, 0, 300]}}):
+        assert gateway.post("/v1/jobs", json=with_parts(red, media_io_kwargs=bad)).status_code == 400
+    models = {m["id"]: m["modalities"] for m in gateway.get("/v1/models").json()["data"]}
+    assert models == {MODEL: ["text", "image", "video"]}
+
+
+def test_modalities_of_unbundled_models_come_from_heartbeats(gateway, redis_client):
+    beat = {"name": "w2", "models": ["speech-model"], "modalities": {"speech-model": ["text", "audio"]}}
+    redis_client.set(keys.worker("w2"), json.dumps(beat), ex=10)
+    models = {m["id"]: m["modalities"] for m in gateway.get("/v1/models").json()["data"]}
+    assert models["speech-model"] == ["text", "audio"]
+    image = {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png"}}
+    body = job(model="speech-model", messages=[{"role": "user", "content": [image]}])
+    assert error_of(gateway.post("/v1/jobs", json=body), 400)["code"] == "unsupported_modality"

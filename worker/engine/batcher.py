@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from worker.engine.loader import LoadedModel
+from worker.engine.mm_embeds import with_image_embeds
 from worker.engine.request import Generation, PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ _STOP = object()
 
 
 class BatchingEngine:
+    # image_embeds go to generate as mm_encoder_outputs (worker/engine/mm_embeds.py).
+    accepts_image_embeds = True
+
     def __init__(self, model: LoadedModel, *, max_batch_size: int = 32, batch_window_ms: float = 5.0) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
@@ -81,7 +85,9 @@ class BatchingEngine:
                 if reason:
                     future.set_result(self._finish(request, [], "", 1, 0.0, stopped=reason))
                     continue
-                groups[request.params.batch_key()].append((request, future))
+                # transformers takes images as pixels or as embeddings per call, never both.
+                key = (*request.params.batch_key(), "image_embeds" in request.inputs)
+                groups[key].append((request, future))
             for group in groups.values():
                 self._run_group(group)
 
@@ -104,7 +110,7 @@ class BatchingEngine:
         import torch
 
         started = time.perf_counter()
-        batch = collate(requests, self.model.pad_token_id, self.model.device)
+        batch = with_image_embeds(collate(requests, self.model.pad_token_id, self.model.device))
         params = requests[0].params
         max_new = max(r.params.max_new_tokens for r in requests)
         kwargs: dict[str, Any] = {
@@ -233,6 +239,11 @@ def truncate_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...]) 
     return tokens, text[:cut]
 
 
+# Inputs with one value per prompt token, left-padded; every other tensor (pixels,
+# grids, audio features, embeddings) is stacked along dim 0 in request order.
+PER_TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"})
+
+
 def collate(requests: list[PreparedRequest], pad_token_id: int, device: Any) -> dict[str, Any]:
     """Left-pad the prompts into one batch and stack the media tensors in order."""
     import torch
@@ -243,23 +254,21 @@ def collate(requests: list[PreparedRequest], pad_token_id: int, device: Any) -> 
     input_ids = torch.full((size, length), pad_token_id, dtype=first["input_ids"].dtype)
     attention_mask = torch.zeros((size, length), dtype=first["attention_mask"].dtype)
     padded: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    per_token = [k for k in first if k not in ("input_ids", "attention_mask") and _is_per_token(first[k], first)]
+    present = {k for r in requests for k in r.inputs}
+    per_token = sorted((PER_TOKEN_KEYS - {"input_ids", "attention_mask"}) & present)
     for key in per_token:
-        padded[key] = torch.zeros((size, length), dtype=first[key].dtype)
+        dtype = next(r.inputs[key].dtype for r in requests if key in r.inputs)
+        padded[key] = torch.zeros((size, length), dtype=dtype)
     for row, request in enumerate(requests):
         n = request.prompt_tokens
         input_ids[row, length - n :] = request.inputs["input_ids"][0]
         attention_mask[row, length - n :] = request.inputs["attention_mask"][0]
         for key in per_token:
-            padded[key][row, length - n :] = request.inputs[key][0]
+            if key in request.inputs:
+                padded[key][row, length - n :] = request.inputs[key][0]
     stacked_keys = {k for r in requests for k in r.inputs} - set(padded)
     for key in stacked_keys:
         parts = [r.inputs[key] for r in requests if r.inputs.get(key) is not None]
         if parts:
             padded[key] = torch.cat(parts, dim=0)
     return {k: v.to(device) for k, v in padded.items()}
-
-
-def _is_per_token(value: Any, inputs: dict[str, Any]) -> bool:
-    shape = getattr(value, "shape", None)
-    return shape is not None and len(shape) == 2 and tuple(shape) == tuple(inputs["input_ids"].shape)

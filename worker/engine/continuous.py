@@ -114,6 +114,9 @@ class SlotCache:
 
 
 class ContinuousEngine:
+    # Precomputed image embeddings stand in for the vision encoder's output (see _encode_media).
+    accepts_image_embeds = True
+
     def __init__(
         self,
         model: LoadedModel,
@@ -338,10 +341,16 @@ class ContinuousEngine:
             self._retire()
 
     def _encode_media(self, requests: list[PreparedRequest]) -> list[dict[str, Any]]:
-        """Run the vision encoder once over every admitted image (and once over videos)."""
+        """Run the vision encoder once over every admitted image (and once over videos).
+
+        A request that brings `image_embeds` skips the encoder: they are its output.
+        """
         import torch
 
         out: list[dict[str, Any]] = [{} for _ in requests]
+        for i, request in enumerate(requests):
+            if request.inputs.get("image_embeds") is not None:
+                out[i]["image"] = request.inputs["image_embeds"].to(self.device)
         for kind, pixels_key, grid_key in (
             ("image", "pixel_values", "image_grid_thw"),
             ("video", "pixel_values_videos", "video_grid_thw"),

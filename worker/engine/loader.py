@@ -30,6 +30,15 @@ class LoadedModel:
     eos_token_ids: list[int]
     pad_token_id: int
     generation_defaults: dict[str, Any]
+    # Input modalities ("text", "image", "video", "audio"), from the processor.
+    modalities: tuple[str, ...] = ("text",)
+    # Set for models whose image embeddings the worker can check: the width
+    # the language model takes and the vision grid's merge size (Qwen2-VL).
+    embeds_hidden_size: int | None = None
+    embeds_merge_size: int | None = None
+    # Audio models: the rate the feature extractor takes and its window.
+    audio_sampling_rate: int | None = None
+    audio_max_seconds: float | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -38,9 +47,9 @@ class LoadedModel:
 
 def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
     if spec.bundled:
-        from worker.engine.tiny import ensure_tiny_model
+        from worker.engine.tiny import ensure_bundled_model
 
-        return ensure_tiny_model(cache_dir)
+        return ensure_bundled_model(spec.source, cache_dir)
     if spec.source.startswith("s3://"):
         return download_s3_prefix(spec.source, cache_dir)
     path = Path(spec.source).expanduser()
@@ -92,11 +101,12 @@ def load_processor(path: Path) -> Any:
         if model_type not in ("qwen2_vl", "qwen2_5_vl"):
             raise
         reason = type(exc).__name__
-    # Without torchvision (or a video processor config) the stock processor cannot build its video slot.
-    log.info("loading the image-only Qwen2-VL processor (%s)", reason)
-    from worker.engine.processors import ImageOnlyQwen2VLProcessor
+    # Without torchvision (or a video processor config) the stock processor cannot build its video
+    # slot: this one takes video frames decoded with PyAV.
+    log.info("loading Qwen2-VL's processor with PIL/PyAV video frames (%s)", reason)
+    from worker.engine.processors import FramesQwen2VLProcessor
 
-    return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+    return FramesQwen2VLProcessor.from_pretrained(path)
 
 
 def pick_device(requested: str) -> Any:
@@ -117,13 +127,14 @@ def pick_dtype(requested: str, device: Any) -> Any:
 
 def load_model(spec: ModelSpec, *, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForMultimodalLM
 
     path = resolve_model_path(spec, cache_dir)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     processor = load_processor(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(torch_device).eval()
+    # The multimodal auto class covers image-text-to-text models and audio ones (Qwen2-Audio).
+    model = AutoModelForMultimodalLM.from_pretrained(path, dtype=torch_dtype).to(torch_device).eval()
 
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.get_text_config().eos_token_id
@@ -150,4 +161,30 @@ def load_model(spec: ModelSpec, *, cache_dir: Path, device: str = "auto", dtype:
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         generation_defaults=defaults,
+        **media_capabilities(model.config, processor),
     )
+
+
+def media_capabilities(config: Any, processor: Any) -> dict[str, Any]:
+    """What media the model takes, read from its config and processor."""
+    from worker.engine.processors import QwenVideoFrames
+
+    modalities = ["text"]
+    found: dict[str, Any] = {}
+    if getattr(processor, "image_processor", None) is not None and getattr(config, "vision_config", None):
+        modalities.append("image")
+        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            found["embeds_hidden_size"] = int(config.get_text_config().hidden_size)
+            found["embeds_merge_size"] = int(config.vision_config.spatial_merge_size)
+    video = getattr(processor, "video_processor", None)
+    # Our frames path reproduces Qwen2-VL's video preprocessing; Qwen2.5-VL also needs frame timing.
+    if video is not None and not (isinstance(video, QwenVideoFrames) and config.model_type != "qwen2_vl"):
+        modalities.append("video")
+    extractor = getattr(processor, "feature_extractor", None)
+    if extractor is not None and getattr(processor, "audio_token", None):
+        modalities.append("audio")
+        found["audio_sampling_rate"] = int(extractor.sampling_rate)
+        window = getattr(extractor, "n_samples", None)
+        found["audio_max_seconds"] = window / extractor.sampling_rate if window else None
+    found["modalities"] = tuple(modalities)
+    return found

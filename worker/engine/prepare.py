@@ -11,11 +11,13 @@ import threading
 from typing import Any
 
 from shared.errors import InvalidRequestError
-from shared.schemas import ImagePart, JobCreate, TextPart
+from shared.schemas import ImageEmbedsPart, JobCreate, MediaPart, TextPart
 from worker.engine.loader import LoadedModel
 from worker.engine.request import PreparedRequest, SamplingParams
 
 _ROLES = {"developer": "system"}
+# How each modality stands in a chat template's content parts.
+_TEMPLATE_TYPES = {"image": "image", "video": "video", "audio": "audio"}
 
 
 def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
@@ -30,8 +32,8 @@ def hf_messages(request: JobCreate) -> list[dict[str, Any]]:
         for part in message.content:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
-            elif isinstance(part, ImagePart):
-                parts.append({"type": "image"})
+            else:
+                parts.append({"type": _TEMPLATE_TYPES[part.modality]})
         out.append({"role": role, "content": parts})
     return out
 
@@ -75,12 +77,46 @@ class Preparer:
             self._local.processor = processor
         return processor
 
-    def prepare(self, request: JobCreate, images: list[Any], request_id: str = "") -> PreparedRequest:
+    def prepare(self, request: JobCreate, media: list[Any], request_id: str = "") -> PreparedRequest:
+        """`media` holds one decoded item per media part, in the order of `request.media_parts()`."""
         processor = self._processor()
+        parts = [part for _, part in request.media_parts()]
+        for param, part in request.media_parts():
+            if part.modality not in self.model.modalities:
+                raise InvalidRequestError(
+                    f"The model '{self.model.name}' does not take {part.modality} input.",
+                    param=param,
+                    code="unsupported_modality",
+                )
         prompt = processor.apply_chat_template(hf_messages(request), add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[prompt], images=images or None, return_tensors="pt")
+        images = [m for p, m in zip(parts, media, strict=True) if p.modality == "image" and not _embeds(p)]
+        embeds = [m for p, m in zip(parts, media, strict=True) if _embeds(p)]
+        videos = [m.frames for p, m in zip(parts, media, strict=True) if p.modality == "video"]
+        audio = [m.samples for p, m in zip(parts, media, strict=True) if p.modality == "audio"]
+        if embeds and images:
+            raise InvalidRequestError(
+                "A request may carry images or image_embeds, not both.", code="mixed_image_inputs"
+            )
+        if embeds:
+            inputs = self._with_embeds(processor, prompt, embeds, videos)
+        else:
+            kwargs: dict[str, Any] = {"sampling_rate": self.model.audio_sampling_rate} if audio else {}
+            try:
+                inputs = dict(
+                    processor(
+                        text=[prompt],
+                        images=images or None,
+                        videos=videos or None,
+                        audio=audio or None,
+                        return_tensors="pt",
+                        **kwargs,
+                    )
+                )
+            except ValueError as exc:
+                # The processor's own input checks (sizes, counts): the request's to fix.
+                raise InvalidRequestError(f"The media could not be prepared for this model: {exc}") from None
         params = sampling_params(request, self.model, self.default_max_tokens)
-        prepared = PreparedRequest(inputs=dict(inputs), params=params, request_id=request_id)
+        prepared = PreparedRequest(inputs=inputs, params=params, request_id=request_id)
         budget = self.model.max_context
         if prepared.prompt_tokens + params.max_new_tokens > budget:
             raise InvalidRequestError(
@@ -90,3 +126,44 @@ class Preparer:
                 code="context_length_exceeded",
             )
         return prepared
+
+    def _with_embeds(self, processor: Any, prompt: str, embeds: list[Any], videos: list[Any]) -> dict[str, Any]:
+        """Inputs for a request whose images come as embeddings (Qwen2-VL family).
+
+        The processor refuses image tokens without pixels, so the slots are
+        expanded here (from each embedding's grid) and the text tokenized
+        directly; videos still go through the processor's video path.
+        """
+        import torch
+
+        inputs: dict[str, Any] = {}
+        prompt = expand_image_slots(prompt, processor.image_token, [e.tokens for e in embeds])
+        if videos:
+            inputs.update(processor.video_processor(videos, return_tensors="pt"))
+            merge = processor.video_processor.merge_size**2
+            counts = [int(grid.prod()) // merge for grid in inputs["video_grid_thw"]]
+            prompt = expand_image_slots(prompt, processor.video_token, counts)
+        text = processor.tokenizer([prompt], return_tensors="pt")
+        inputs["input_ids"] = text["input_ids"]
+        inputs["attention_mask"] = text["attention_mask"]
+        inputs["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(text["input_ids"]))
+        inputs["image_embeds"] = torch.cat([e.embeds for e in embeds]).to(self.model.dtype)
+        inputs["image_grid_thw"] = torch.cat([e.grid_thw for e in embeds])
+        return inputs
+
+
+def _embeds(part: MediaPart) -> bool:
+    return isinstance(part, ImageEmbedsPart)
+
+
+def expand_image_slots(prompt: str, image_token: str, tokens: list[int]) -> str:
+    """Give each slot of `image_token` in a templated prompt its number of tokens, in order."""
+    pieces = prompt.split(image_token)
+    if len(pieces) - 1 != len(tokens):
+        raise InvalidRequestError(
+            f"The prompt has {len(pieces) - 1} media slots for {len(tokens)} items.", code="media_slots"
+        )
+    out = [pieces[0]]
+    for count, piece in zip(tokens, pieces[1:], strict=True):
+        out.append(image_token * count + piece)
+    return "".join(out)

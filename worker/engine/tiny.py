@@ -17,10 +17,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from shared.catalog import TINY_MODEL_NAME
+from shared.catalog import TINY_AUDIO_MODEL_NAME, TINY_MODEL_NAME
 
 # Bump when the recipe changes so cached builds are rebuilt, not reused.
-TINY_MODEL_VERSION = "2"
+TINY_MODEL_VERSION = "3"
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -145,19 +145,19 @@ _WORDS = [
 ]
 
 
-def _corpus(seed: int, lines: int = 4000) -> list[str]:
+def _corpus(seed: int, lines: int = 4000, words: list[str] = _WORDS) -> list[str]:
     rng = random.Random(seed)
     out = []
     for _ in range(lines):
         n = rng.randint(3, 14)
-        sentence = " ".join(rng.choice(_WORDS) for _ in range(n))
+        sentence = " ".join(rng.choice(words) for _ in range(n))
         out.append(sentence.capitalize() + rng.choice([".", "?", "!", ","]))
     out.extend(" ".join(w) for w in itertools.permutations(["the", "image", "shows"], 3))
     out.append("0123456789 +-*/=()[]{}<>:;'\"@#$%&_ \n\t")
     return out
 
 
-def _train_tokenizer(seed: int):
+def _train_tokenizer(seed: int, special_tokens: list[str] = SPECIAL_TOKENS, words: list[str] = _WORDS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -165,11 +165,11 @@ def _train_tokenizer(seed: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1024,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed, words=words), trainer=trainer)
     return tok
 
 
@@ -251,7 +251,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from worker.engine.processors import ImageOnlyQwen2VLProcessor
+    from worker.engine.processors import FramesQwen2VLProcessor, QwenVideoFrames
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +273,13 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64},
     )
-    processor = ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    # Videos: up to 16 merged tokens per pair of frames, so 32 frames cost 256 tokens.
+    video_frames = QwenVideoFrames(image_processor, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16})
+    processor = FramesQwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        video_processor=video_frames,
     )
 
     hidden = 64
@@ -336,6 +341,10 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
         saved["processor_class"] = "Qwen2VLProcessor"
         path.write_text(json.dumps(saved, indent=2))
     (staging / "vlmq.json").write_text(json.dumps({"name": TINY_MODEL_NAME, "version": TINY_MODEL_VERSION}))
+    return publish(staging, target)
+
+
+def publish(staging: Path, target: Path) -> Path:
     try:
         os.replace(staging, target)
     except OSError:
@@ -351,3 +360,14 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     if not (target / "vlmq.json").exists():
         build_tiny_model(target)
     return target
+
+
+def ensure_bundled_model(name: str, cache_dir: Path) -> Path:
+    """The directory of a bundled model, built on first use."""
+    if name == TINY_AUDIO_MODEL_NAME:
+        from worker.engine.tiny_audio import ensure_tiny_audio_model
+
+        return ensure_tiny_audio_model(cache_dir)
+    if name == TINY_MODEL_NAME:
+        return ensure_tiny_model(cache_dir)
+    raise ValueError(f"{name!r} is not a bundled model")

@@ -60,7 +60,7 @@ def install(visual: Any) -> int:
     and the matmul patch embedding where the Conv3d is bias-free with stride == kernel."""
     embed = getattr(visual, "patch_embed", None)
     conv = getattr(embed, "proj", None)
-    if conv is not None and conv.bias is None and tuple(conv.stride) == tuple(conv.kernel_size):
+    if embed is not None and conv is not None and conv.bias is None and tuple(conv.stride) == tuple(conv.kernel_size):
         embed.forward = types.MethodType(linear_patch_embed, embed)
     patched = []
     for block in getattr(visual, "blocks", []):

@@ -15,21 +15,38 @@ from PIL import Image
 from shared.errors import MediaError
 
 WHITE = (255, 255, 255)
+# Raster formats decoded in-process. Not every format Pillow knows: EPS, for
+# one, is rendered by running Ghostscript on the bytes.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# Vision processors resize to a fixed patch grid; past this ratio one side
+# rounds to nothing (Qwen2-VL's own processor refuses it with a ValueError).
+MAX_ASPECT_RATIO = 200
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int, background: tuple[int, int, int] = WHITE, param: str | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    background: tuple[int, int, int] = WHITE,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    param: str | None = None,
 ) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise MediaError(
                     f"Image is {width}x{height} pixels, over the limit of {max_pixels} pixels.",
                     param=param,
                     code="image_too_large",
+                )
+            if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+                raise MediaError(
+                    f"Image is {width}x{height} pixels: its aspect ratio is over {max_aspect_ratio:g}:1.",
+                    param=param,
+                    code="image_aspect_ratio",
                 )
             image.load()
     except MediaError:

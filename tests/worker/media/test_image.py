@@ -55,3 +55,31 @@ def test_truncated_and_garbage_bytes_are_client_errors_without_internals():
             decode_image(data, max_pixels=10_000)
         assert err.value.code == "image_decode_failed"
         assert "/" not in err.value.message and "0x" not in err.value.message
+
+
+def test_background_colour_is_configurable():
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert decode_image(encode(rgba), max_pixels=100, background=(0, 0, 0)).getpixel((0, 0)) == (0, 0, 0)
+    assert decode_image(encode(rgba), max_pixels=100, background=(1, 2, 3)).getpixel((1, 1)) == (1, 2, 3)
+
+
+def test_extreme_aspect_ratio_is_a_client_error():
+    with pytest.raises(MediaError) as err:
+        decode_image(png_bytes((0, 0, 0), (400, 1)), max_pixels=10_000)
+    assert err.value.code == "image_aspect_ratio"
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # A 20000x20000 PNG of one colour is a few kilobytes and would be 1.2 GB of pixels.
+    bomb = encode(Image.new("L", (20000, 20000), 0))
+    assert len(bomb) < 1_000_000
+    with pytest.raises(MediaError) as err:
+        decode_image(bomb, max_pixels=40_000_000)
+    assert err.value.code == "image_too_large"
+
+
+def test_formats_that_run_external_programs_are_refused():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(MediaError) as err:
+        decode_image(eps, max_pixels=10_000)
+    assert err.value.code == "image_decode_failed"
