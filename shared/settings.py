@@ -31,15 +31,41 @@ class SharedSettings(BaseSettings):
     # Comma-separated model entries: a bundled name, a local directory,
     # `s3://bucket/prefix`, or `name=source` to choose the public name.
     model: str = TINY_MODEL_NAME
-    result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    # How long a job's record, result and webhook deliveries are kept after
+    # their last change; then GET answers 404. (Seconds; tests use a few.)
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=1)
     allowed_media_domains: CommaList = []
     media_allow_private_networks: bool = False
     # Celery's Redis visibility timeout: an unacked job is handed to another
-    # worker after this long, so it must exceed the longest job.
-    visibility_timeout: int = Field(default=3600, ge=60)
+    # worker after this long, so it must exceed the longest job. (A job found
+    # still running on a live worker is not run twice, so a short value costs
+    # only re-checks; tests use a few seconds to prove redelivery.)
+    visibility_timeout: int = Field(default=3600, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # `tenant:whsec_<base64>` pairs; several for one tenant sign side by side (rotation).
+    webhook_secrets: CommaList = []
+    webhook_timeout: float = Field(default=10.0, gt=0)
 
-    _split = field_validator("allowed_media_domains", mode="before")(split_commas)
+    _split = field_validator("allowed_media_domains", "webhook_secrets", mode="before")(split_commas)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _valid_secrets(cls, value: list[str]) -> list[str]:
+        from shared.webhooks import parse_tenant_secrets
+
+        parse_tenant_secrets(value)
+        return value
+
+    @property
+    def tenant_webhook_keys(self) -> dict[str, list[bytes]]:
+        from shared.webhooks import parse_tenant_secrets
+
+        return parse_tenant_secrets(self.webhook_secrets)
+
+    @property
+    def webhook_lease(self) -> float:
+        """How long a claimed delivery attempt may take before another webhook worker may retry it."""
+        return self.webhook_timeout + 30.0
 
     @property
     def models(self) -> list[ModelSpec]:

@@ -28,16 +28,19 @@ class WorkerResources:
     runner: JobRunner
     engine: Any
     heartbeat: Any
+    cancels: Any
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerResources:
         import redis as redis_lib
 
+        from worker.cancel import CancelWatcher
         from worker.engine.batcher import BatchingEngine
         from worker.engine.loader import load_model
         from worker.engine.prepare import Preparer
         from worker.heartbeat import Heartbeat
         from worker.media.fetch import MediaFetcher
+        from worker.webhooks import Announcer
 
         spec = settings.served_model
         model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
@@ -45,6 +48,7 @@ class WorkerResources:
             model, max_batch_size=settings.max_batch_size, batch_window_ms=settings.batch_window_ms
         ).start()
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+        cancels = CancelWatcher(redis).start()
         fetcher = MediaFetcher(
             allowed_domains=settings.allowed_media_domains,
             allow_private_networks=settings.media_allow_private_networks,
@@ -58,14 +62,17 @@ class WorkerResources:
             preparer=Preparer(model, settings.default_max_tokens),
             engine=engine,
             model_name=spec.name,
+            watch_cancel=cancels.watch,
+            announce=Announcer(settings, redis),
         )
         heartbeat = Heartbeat(
             redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, {"device": str(model.device)}
         ).start()
-        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat)
+        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat, cancels=cancels)
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        self.cancels.stop()
         self.engine.stop()
         self.runner.fetcher.close()
         self.redis.close()

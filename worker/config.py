@@ -3,11 +3,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from shared.catalog import ModelSpec
-from shared.settings import SharedSettings
+from shared.settings import SharedSettings, split_commas
 
 
 def _default_cache_dir() -> Path:
@@ -31,6 +33,8 @@ class WorkerSettings(SharedSettings):
     media_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     image_fetch_timeout: float = Field(default=5.0, gt=0)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
+    # How often a running job's `progress.tokens_generated` is written to its record.
+    progress_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def served_model(self) -> ModelSpec:
@@ -41,3 +45,24 @@ class WorkerSettings(SharedSettings):
             if spec.name == self.worker_model:
                 return spec
         raise ValueError(f"VLMQ_WORKER_MODEL={self.worker_model!r} is not one of VLMQ_MODEL's models")
+
+
+class WebhookWorkerSettings(SharedSettings):
+    """The webhook worker (`vlmq webhook-worker`): no model, no torch."""
+
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Seconds to wait before each retry of a failed delivery; one attempt more than entries.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = [5, 300, 1800, 7200, 18000, 36000, 86400]
+    # Lifts the public-address rule for webhook URLs (private deployments, tests).
+    webhook_allow_private_networks: bool = False
+    webhook_concurrency: int = Field(default=16, ge=1, le=512)
+    # How often the pump looks for deliveries whose retry is due.
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        value = split_commas(value)
+        if isinstance(value, list) and any(float(v) < 0 for v in value):
+            raise ValueError("VLMQ_WEBHOOK_RETRY_SCHEDULE takes seconds >= 0")
+        return value
