@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.schemas import PRIORITY_DEFAULT, PRIORITY_MAX
+from shared.schemas import PRIORITY_MAX
 from shared.settings import SharedSettings
 
 RUN_JOB_TASK = "vlmq.run_job"
@@ -44,7 +44,6 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
         },
-        "task_default_priority": broker_priority(PRIORITY_DEFAULT),
         # Results live on our job record, not in Celery's backend.
         "task_ignore_result": True,
         "task_serializer": "json",
