@@ -94,7 +94,8 @@ def test_transient_failures_stop_after_max_attempts(runner, redis_client, media_
     for attempt in (1, 2):
         with pytest.raises(RetryLater):
             runner.run(record.id)
-        assert runner.store.get(record.id).status is JobStatus.queued
+        again = runner.store.get(record.id)
+        assert again.status is JobStatus.queued and again.attempts == attempt
     runner.run(record.id)
     failed = runner.store.get(record.id)
     assert failed.status is JobStatus.failed and failed.attempts == 3
