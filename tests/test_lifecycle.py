@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,11 @@ def wait_until(fetch, predicate, timeout: float = 60, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} not reached: {value}")
+
+
+def test_the_webhook_worker_runs_without_torch(life):
+    maps = Path(f"/proc/{life.processes['webhooks'].pid}/maps").read_text()
+    assert "torch" not in maps and "libc" in maps
 
 
 def test_webhook_retried_after_a_500_and_a_timeout_is_completed_once(life, receiver):
