@@ -17,6 +17,7 @@ from shared.errors import NotFoundError
 from shared.queues import DELIVER_WEBHOOK_TASK, WEBHOOK_QUEUE
 from shared.schemas import DeliveryList, DeliveryPublic, WebhookEvent
 from shared.store import JobRecord
+from shared.webhooks import message_id
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,13 @@ async def list_deliveries(job_id: str, state: StateDep, tenant: TenantDep) -> De
 async def redeliver(job_id: str, delivery_id: str, state: StateDep, tenant: TenantDep) -> DeliveryPublic:
     await owned_job(state, tenant, job_id)
     deliveries = state.announcer.deliveries
-    known = {d.id for d in await deliveries.list(job_id)}
-    round_ = await deliveries.redeliver(delivery_id, time.time()) if delivery_id in known else None
+    # Delivery ids are derived from job and event: another job's delivery is refused here.
+    ours = delivery_id in {message_id(job_id, event) for event in WebhookEvent}
+    round_ = await deliveries.redeliver(delivery_id, time.time()) if ours else None
     if round_ is None:
         raise NotFoundError(f"Job '{job_id}' has no delivery '{delivery_id}'.", param="delivery_id")
     await state.announcer.publish(delivery_id, round_)
-    found = [d for d in await deliveries.list(job_id) if d.id == delivery_id]
-    return found[0]
+    found = await deliveries.public(delivery_id)
+    if found is None:
+        raise NotFoundError(f"Job '{job_id}' has no delivery '{delivery_id}'.", param="delivery_id")
+    return found

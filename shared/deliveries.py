@@ -260,6 +260,12 @@ class AsyncDeliveryStore:
         created = await self._create(keys=_create_keys(record, event), args=args)
         return delivery_id if created else None
 
+    async def public(self, delivery_id: str) -> DeliveryPublic | None:
+        raw = await self.redis.hgetall(keys.delivery(delivery_id))
+        if not raw:
+            return None
+        return Delivery.from_hash(raw).to_public(await self.redis.lrange(keys.delivery_attempts(delivery_id), 0, -1))
+
     async def list(self, job_id: str) -> list[DeliveryPublic]:
         ids = await self.redis.lrange(keys.job_deliveries(job_id), 0, -1)
         async with self.redis.pipeline(transaction=False) as pipe:

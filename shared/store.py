@@ -48,7 +48,8 @@ local qkey = redis.call('HGET', KEYS[1], 'qkey')
 if qkey then
   local id = redis.call('HGET', KEYS[1], 'id')
   if ARGV[2] == 'queued' then
-    local priority = tonumber(redis.call('HGET', KEYS[1], 'priority') or '0')
+    -- queue_score() below, in Lua: back in line by priority, behind those already waiting.
+    local priority = tonumber(redis.call('HGET', KEYS[1], 'priority') or '5')
     redis.call('ZADD', qkey, (9 - priority) * 1e10 + tonumber(ARGV[5]), id)
     redis.call('EXPIRE', qkey, tonumber(ARGV[3]))
   else
