@@ -12,12 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api_gateway import health, jobs, openai_compat
+from api_gateway import deliveries, health, jobs, openai_compat
 from api_gateway.auth import KeyRing
 from api_gateway.config import GatewaySettings
 from api_gateway.deps import GatewayState
 from api_gateway.events import JobEvents
 from api_gateway.submit import Submitter
+from shared.deliveries import AsyncDeliveryStore
 from shared.errors import InternalError, RateLimitError, TransientError, VlmqError
 from shared.store import AsyncJobStore
 
@@ -36,13 +37,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         store = AsyncJobStore(redis, settings.result_ttl)
         events = JobEvents(redis)
         await events.start()
+        submitter = Submitter(settings, redis, store)
         app.state.vlmq = GatewayState(
             settings=settings,
             redis=redis,
             store=store,
             events=events,
             keyring=keyring,
-            submitter=Submitter(settings, redis, store),
+            submitter=submitter,
+            announcer=deliveries.GatewayAnnouncer(
+                AsyncDeliveryStore(redis, settings.result_ttl, settings.webhook_lease), submitter.celery
+            ),
         )
         try:
             yield
@@ -57,6 +62,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(jobs.router)
+    app.include_router(deliveries.router)
     app.include_router(openai_compat.router)
     app.include_router(health.router)
     _install_error_handlers(app)

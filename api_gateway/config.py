@@ -14,5 +14,7 @@ class GatewaySettings(SharedSettings):
     # `Prefer: wait=`); the synchronous chat endpoint waits up to sync_timeout.
     max_wait_seconds: float = Field(default=60.0, gt=0)
     sync_timeout: float = Field(default=600.0, gt=0)
+    # Seconds a job may wait in the queue when it sets no ttl_seconds; 0 = forever.
+    default_job_ttl: int = Field(default=0, ge=0)
 
     _split_keys = field_validator("api_keys", mode="before")(split_commas)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Header, Request
 
@@ -12,6 +12,9 @@ from api_gateway.config import GatewaySettings
 from api_gateway.events import JobEvents
 from api_gateway.submit import Submitter
 from shared.store import AsyncJobStore
+
+if TYPE_CHECKING:
+    from api_gateway.deliveries import GatewayAnnouncer
 
 
 @dataclass
@@ -22,6 +25,7 @@ class GatewayState:
     events: JobEvents
     keyring: KeyRing
     submitter: Submitter
+    announcer: GatewayAnnouncer
 
 
 def get_state(request: Request) -> GatewayState:

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from api_gateway.deps import StateDep, TenantDep
-from shared.errors import InvalidRequestError, NotFoundError
-from shared.schemas import JobCreate, JobList, JobPublic, JobStatus
+from shared.errors import InvalidRequestError, JobExpiredError, NotFoundError
+from shared.schemas import JobCreate, JobList, JobPublic, JobStatus, WebhookEvent
 from shared.store import JobRecord
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -31,9 +31,29 @@ async def owned_job(state: StateDep, tenant: str, job_id: str) -> JobRecord:
     # Another tenant's job answers exactly like a missing one: ids leak nothing.
     if record is None or record.tenant != tenant:
         raise NotFoundError(
-            f"No job '{job_id}' (unknown, another tenant's, or expired after its result TTL).", param="job_id"
+            f"No job '{job_id}': unknown, or its record was removed {state.settings.result_ttl}s after it "
+            "last changed (VLMQ_RESULT_TTL).",
+            param="job_id",
         )
-    return record
+    return await expire_if_due(state, record)
+
+
+async def expire_if_due(state: StateDep, record: JobRecord) -> JobRecord:
+    """A queued job past its expires_at is `expired` now, even before a worker reaches its task."""
+    if record.status is not JobStatus.queued or record.started_at or not record.expires_at:
+        return record
+    if time.time() <= record.expires_at:
+        return record
+    error = JobExpiredError.for_ttl(round(record.expires_at - record.created_at))
+    fields = {"completed_at": time.time(), "error": error.to_body()}
+    moved = await state.store.transition(record.id, (JobStatus.queued,), JobStatus.expired, fields)
+    if moved.applied:
+        await state.announcer(moved.record, WebhookEvent.expired)
+    return moved.record or record
+
+
+async def public(state: StateDep, record: JobRecord) -> JobPublic:
+    return record.to_public(queue_position=await state.store.queue_position(record))
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
@@ -43,9 +63,15 @@ async def create_job(
     tenant: TenantDep,
     response: Response,
     prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JobPublic:
-    record = await state.submitter.submit(tenant, body)
+    key = state.submitter.check_idempotency_key(idempotency_key)
+    record, replayed = await state.submitter.submit(tenant, body, key)
     response.headers["Location"] = f"/v1/jobs/{record.id}"
+    if replayed:
+        # The job this key created first; nothing new was queued.
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
     wait = prefer_wait(prefer)
     if wait:
         finished = await state.events.wait_terminal(state.store, record.id, min(wait, state.settings.max_wait_seconds))
@@ -54,7 +80,7 @@ async def create_job(
             if record.status.terminal:
                 response.status_code = status.HTTP_200_OK
                 response.headers["Preference-Applied"] = f"wait={wait:g}"
-    return record.to_public()
+    return await public(state, record)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -68,19 +94,26 @@ async def get_job(
     if wait and not record.status.terminal:
         latest = await state.events.wait_terminal(state.store, job_id, min(wait, state.settings.max_wait_seconds))
         record = latest or record
-    return record.to_public()
+    return await public(state, record)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 async def cancel_job(job_id: str, state: StateDep, tenant: TenantDep) -> JobPublic:
     record = await owned_job(state, tenant, job_id)
-    if not record.status.terminal:
-        # A running job's late result is refused by the store once it is cancelled.
-        await state.store.transition(
-            job_id, (JobStatus.queued, JobStatus.running), JobStatus.cancelled, {"completed_at": time.time()}
-        )
-        record = await owned_job(state, tenant, job_id)
-    return record.to_public()
+    if record.status.terminal:
+        return await public(state, record)
+    fields = {"completed_at": time.time()}
+    # A queued job never runs: its task finds it cancelled. It is announced here.
+    moved = await state.store.transition(job_id, (JobStatus.queued,), JobStatus.cancelled, fields)
+    if moved.applied:
+        await state.announcer(moved.record, WebhookEvent.cancelled)
+    else:
+        # A running job: its worker hears of it, stops the request at the next decode
+        # step, keeps the partial text on the job and announces it. Its late result,
+        # if it had already finished, is refused by the store.
+        moved = await state.store.transition(job_id, (JobStatus.running,), JobStatus.cancelled, fields)
+    record = moved.record or await owned_job(state, tenant, job_id)
+    return await public(state, record)
 
 
 @router.get("", response_model=JobList)
@@ -97,7 +130,7 @@ async def list_jobs(
             raise InvalidRequestError(f"Unknown pagination cursor '{after}'.", param="after")
         before = cursor.created_at
     records, has_more = await state.store.list(tenant, limit, before)
-    data = [r.to_public() for r in records]
+    data = [await public(state, await expire_if_due(state, r)) for r in records]
     return JobList(
         data=data,
         has_more=has_more,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ import anyio
 from api_gateway.config import GatewaySettings
 from shared import keys
 from shared.catalog import BUNDLED_MODELS, queue_name
-from shared.errors import TransientError, UnsupportedModelError
+from shared.errors import ConflictError, InvalidRequestError, NotFoundError, TransientError, UnsupportedModelError
 from shared.media_policy import check_request_media
-from shared.queues import RUN_JOB_TASK, make_celery
+from shared.queues import RUN_JOB_TASK, broker_priority, make_celery
 from shared.schemas import JobCreate
 from shared.store import AsyncJobStore, JobRecord, new_job_id
 
@@ -36,13 +37,22 @@ class ServedModel:
     modalities: list[str] | None
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
 class Submitter:
     def __init__(self, settings: GatewaySettings, redis: Any, store: AsyncJobStore) -> None:
         self._settings = settings
         self._configured = {spec.name: spec.modalities for spec in settings.models}
+        self._webhook_tenants = set(settings.tenant_webhook_keys)
+        self._default_ttl = settings.default_job_ttl
         self._redis = redis
         self._store = store
-        self._celery = make_celery(settings, "vlmq-gateway")
+        self.celery = make_celery(settings, "vlmq-gateway")
 
     async def served_models(self) -> dict[str, ServedModel]:
         """Model name -> live workers serving it and its modalities (configured models included at 0).
@@ -83,19 +93,47 @@ class Submitter:
         """Refuse media the worker would refuse, before anything is queued."""
         check_request_media(request, self._settings, modalities)
 
-    async def submit(self, tenant: str, request: JobCreate) -> JobRecord:
+    def check_webhook(self, tenant: str, request: JobCreate) -> None:
+        if request.webhook is not None and tenant not in self._webhook_tenants:
+            raise InvalidRequestError(
+                "No webhook secret is configured for your tenant, so webhooks cannot be signed; "
+                "ask the operator to add one to VLMQ_WEBHOOK_SECRETS.",
+                param="webhook",
+                code="webhook_secret_missing",
+            )
+
+    async def submit(
+        self, tenant: str, request: JobCreate, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Accept a job; with an Idempotency-Key, the first job for that key and body instead.
+
+        Returns the job and whether it is an earlier one (a replay).
+        """
         modalities = await self.check_model(request.model)
         self.check_media(request, modalities)
-        record = JobRecord(
-            id=new_job_id(),
-            tenant=tenant,
-            model=request.model,
-            request=request.model_dump(mode="json", exclude_none=True),
-            metadata=request.metadata,
-        )
+        self.check_webhook(tenant, request)
+        body = request.model_dump(mode="json", exclude_none=True)
+        record = JobRecord(id=new_job_id(), tenant=tenant, model=request.model, request=body, metadata=request.metadata)
+        ttl = request.ttl_seconds or self._default_ttl
+        if ttl:
+            record.expires_at = record.created_at + ttl
+        # The record is written before the key is claimed, so a concurrent request
+        # with the same key always finds the job the key names.
         await self._store.create(record)
+        key_digest = None
+        if idempotency_key is not None:
+            key_digest = _digest(idempotency_key)
+            body_digest = _digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
+            earlier = await self._store.claim_idempotency_key(tenant, key_digest, f"{body_digest} {record.id}")
+            if earlier is not None:
+                await self._store.delete(record)
+                return await self._replay(tenant, earlier, body_digest), True
         publish = functools.partial(
-            self._celery.send_task, RUN_JOB_TASK, args=[record.id], queue=queue_name(request.model)
+            self.celery.send_task,
+            RUN_JOB_TASK,
+            args=[record.id],
+            queue=queue_name(request.model),
+            priority=broker_priority(request.priority),
         )
         try:
             await anyio.to_thread.run_sync(publish)
@@ -103,5 +141,28 @@ class Submitter:
             # Not queued means not accepted: take the record back so nothing waits forever.
             log.error("could not publish job %s: %s", record.id, exc)
             await self._store.delete(record)
+            if key_digest is not None:
+                await self._store.release_idempotency_key(tenant, key_digest)
             raise TransientError("The job queue is unavailable; try again shortly.") from None
+        return record, False
+
+    async def _replay(self, tenant: str, earlier: str, body_digest: str) -> JobRecord:
+        earlier_digest, _, job_id = earlier.partition(" ")
+        if earlier_digest != body_digest:
+            raise ConflictError(
+                f"This Idempotency-Key was already used with a different request body (job {job_id}); "
+                "use a new key for a new request.",
+                code="idempotency_key_reused",
+            )
+        record = await self._store.get(job_id)
+        if record is None:
+            raise NotFoundError(f"The job this Idempotency-Key created ({job_id}) has expired.", code="job_expired")
         return record
+
+    @staticmethod
+    def check_idempotency_key(value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequestError(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.", param="Idempotency-Key"
+            )
+        return value

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     wk.add_argument("--concurrency", type=int, help="jobs in flight (default VLMQ_CONCURRENCY or 8)")
     wk.add_argument("--loglevel", default="INFO")
 
+    hooks = sub.add_parser("webhook-worker", help="run the webhook delivery worker (no model, no torch)")
+    hooks.add_argument("--concurrency", type=int, help="deliveries in flight (default VLMQ_WEBHOOK_CONCURRENCY or 16)")
+    hooks.add_argument("--loglevel", default="INFO")
+
     tiny = sub.add_parser("build-tiny-model", help="build the bundled tiny model into a directory")
     tiny.add_argument("target")
 
@@ -56,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency:
             overrides["concurrency"] = args.concurrency
         run_worker(WorkerSettings(**overrides), loglevel=args.loglevel)
+        return 0
+
+    if args.command == "webhook-worker":
+        from worker.config import WebhookWorkerSettings
+        from worker.webhooks import run_webhook_worker
+
+        hook_overrides = {"webhook_concurrency": args.concurrency} if args.concurrency else {}
+        run_webhook_worker(WebhookWorkerSettings(**hook_overrides), loglevel=args.loglevel)
         return 0
 
     if args.command == "build-tiny-model":

@@ -11,6 +11,7 @@ in a failed job's `error` field.
     │   ├── PermissionDeniedError  403 permission_error
     │   ├── NotFoundError          404 not_found_error
     │   ├── ConflictError          409 conflict_error
+    │   ├── JobExpiredError        408 expired_error           not started within its ttl_seconds
     │   ├── RequestTooLargeError   413 invalid_request_error
     │   ├── RateLimitError         429 rate_limit_error        carries retry_after
     │   ├── UnsupportedModelError  404 model_not_found
@@ -80,6 +81,16 @@ class NotFoundError(ClientError):
 class ConflictError(ClientError):
     status_code = 409
     type = "conflict_error"
+
+
+class JobExpiredError(ClientError):
+    status_code = 408
+    type = "expired_error"
+    default_code = "job_expired"
+
+    @classmethod
+    def for_ttl(cls, ttl_seconds: float) -> JobExpiredError:
+        return cls(f"The job did not start within its time to live ({ttl_seconds:g}s), so it was never run.")
 
 
 class RequestTooLargeError(ClientError):

@@ -25,6 +25,43 @@ def job_id_from_events_channel(channel: str) -> str:
     return channel.rsplit(":", 1)[-1]
 
 
+def queued(queue: str) -> str:
+    """Sorted set of the queued job ids of one model queue, in the order workers take them.
+
+    Only for `progress.queue_position` (ZRANK); Celery's own lists stay the
+    source of truth for what runs. Members leave on the transition out of
+    `queued` (the job store's script does it); TTL = VLMQ_RESULT_TTL,
+    renewed on every insert, so a queue nobody submits to any more goes away.
+    """
+    return f"{PREFIX}:queued:{queue}"
+
+
+def idempotency(tenant: str, key_digest: str) -> str:
+    """String `body-digest job-id` for one tenant's Idempotency-Key. TTL = VLMQ_RESULT_TTL, like its job."""
+    return f"{PREFIX}:idem:{tenant}:{key_digest}"
+
+
+def job_deliveries(job_id: str) -> str:
+    """List of a job's webhook delivery ids. TTL = VLMQ_RESULT_TTL, renewed with each new delivery."""
+    return f"{PREFIX}:job-deliveries:{job_id}"
+
+
+def delivery(delivery_id: str) -> str:
+    """Hash: one webhook message (event, url, body, state). TTL = VLMQ_RESULT_TTL, renewed on each attempt."""
+    return f"{PREFIX}:delivery:{delivery_id}"
+
+
+def delivery_attempts(delivery_id: str) -> str:
+    """List of one delivery's attempts, oldest first. TTL = VLMQ_RESULT_TTL, renewed on each attempt."""
+    return f"{PREFIX}:delivery-attempts:{delivery_id}"
+
+
+# Sorted set of delivery ids by when their next attempt is due. No TTL: it is
+# a live schedule, and each member leaves when its delivery ends (or is
+# dropped by the pump when its delivery hash has expired).
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+
+
 def tenant_jobs(tenant: str) -> str:
     """Sorted set of a tenant's job ids by creation time.
 

@@ -11,16 +11,39 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.schemas import PRIORITY_MAX
 from shared.settings import SharedSettings
 
 RUN_JOB_TASK = "vlmq.run_job"
+DELIVER_WEBHOOK_TASK = "vlmq.deliver_webhook"
+# Webhooks have their own queue and worker process, so a slow receiver never
+# holds a GPU worker's thread and a busy GPU never delays a webhook.
+WEBHOOK_QUEUE = "vlmq.webhooks"
+# Job priorities 0-9 (9 most urgent) map onto the Redis transport's ten
+# lists per queue, where 0 is taken first.
+PRIORITY_STEPS = list(range(10))
+
+
+def broker_priority(priority: int) -> int:
+    return PRIORITY_MAX - priority
 
 
 def celery_config(settings: SharedSettings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Workers take the most urgent list first (with prefetch 1, below,
+            # so a worker does not hold a low-priority job while an urgent one waits).
+            "queue_order_strategy": "priority",
+            "priority_steps": PRIORITY_STEPS,
+            # Look for messages of dead workers (unacked past the visibility
+            # timeout) every tenth of it, not every 100 s, so a short timeout
+            # also means a prompt redelivery.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+        },
         # Results live on our job record, not in Celery's backend.
         "task_ignore_result": True,
         "task_serializer": "json",

@@ -30,6 +30,27 @@ class JobStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled, JobStatus.expired})
 
 
+class WebhookEvent(enum.StrEnum):
+    started = "job.started"
+    completed = "job.completed"
+    failed = "job.failed"
+    cancelled = "job.cancelled"
+    expired = "job.expired"
+
+
+# The event a job's terminal status announces.
+EVENT_FOR_STATUS = {
+    JobStatus.running: WebhookEvent.started,
+    JobStatus.succeeded: WebhookEvent.completed,
+    JobStatus.failed: WebhookEvent.failed,
+    JobStatus.cancelled: WebhookEvent.cancelled,
+    JobStatus.expired: WebhookEvent.expired,
+}
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.completed, WebhookEvent.failed, WebhookEvent.cancelled, WebhookEvent.expired)
+PRIORITY_DEFAULT = 5
+PRIORITY_MAX = 9
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -216,6 +237,33 @@ class Message(_Strict):
 # --- the request -------------------------------------------------------------
 
 
+class WebhookSpec(_Strict):
+    """Where to announce a job's events; signed with the tenant's secret (VLMQ_WEBHOOK_SECRETS)."""
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        import httpx
+
+        try:
+            parsed = httpx.URL(value)
+        except Exception:
+            raise ValueError("the webhook URL is malformed") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError("the webhook URL must be http(s)://host/…")
+        if parsed.userinfo:
+            raise ValueError("webhook URLs may not carry user:password@")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
+
+
 class JobCreate(_Strict):
     """An OpenAI Chat Completions request, as vLLM accepts it, plus job options."""
 
@@ -237,6 +285,12 @@ class JobCreate(_Strict):
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     media_io_kwargs: MediaIOKwargs | None = None
+    # Job options (not OpenAI's): see API.md.
+    webhook: WebhookSpec | None = None
+    priority: int = Field(default=PRIORITY_DEFAULT, ge=0, le=PRIORITY_MAX, description="9 is the most urgent.")
+    ttl_seconds: int | None = Field(
+        default=None, ge=1, le=30 * 24 * 3600, description="Expire the job if it has not started by then."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -322,11 +376,20 @@ class ErrorBody(BaseModel):
 
 
 class Timings(BaseModel):
-    queued_ms: float | None = None
-    media_ms: float | None = None
-    inference_ms: float | None = None
+    """Where a finished job's time went, in milliseconds."""
+
+    queued_ms: float | None = None  # created -> picked up by the worker that ran it
+    media_ms: float | None = None  # fetching, decoding and preprocessing media and prompt
+    inference_ms: float | None = None  # the engine's generate call (shared with its batch)
     batch_size: int | None = None
     batch_id: str | None = None
+
+
+class JobProgress(BaseModel):
+    """How far an unfinished job has come; null where it does not apply."""
+
+    queue_position: int | None = None  # while queued: jobs ahead of it in its model's queue (0 = next)
+    tokens_generated: int | None = None  # while running (and kept once finished)
 
 
 class JobPublic(BaseModel):
@@ -342,6 +405,10 @@ class JobPublic(BaseModel):
     error: ErrorBody | None = None
     attempts: int = 0
     timings: Timings | None = None
+    priority: int = PRIORITY_DEFAULT
+    expires_at: int | None = None  # a queued job not started by then ends `expired`
+    webhook: WebhookSpec | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
 
 
 class JobList(BaseModel):
@@ -350,6 +417,34 @@ class JobList(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class DeliveryAttempt(BaseModel):
+    attempt: int
+    at: float
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None
+    outcome: Literal["succeeded", "retry", "failed"]
+
+
+class DeliveryPublic(BaseModel):
+    """One webhook message of a job and every attempt to deliver it."""
+
+    id: str  # also the message's `webhook-id`
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    job_id: str
+    event: WebhookEvent
+    url: str
+    status: Literal["pending", "succeeded", "failed"]
+    created_at: float
+    next_attempt_at: float | None = None
+    attempts: list[DeliveryAttempt] = Field(default_factory=list)
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeliveryPublic]
 
 
 class ModelCard(BaseModel):

@@ -63,7 +63,9 @@ class SharedSettings(BaseSettings):
     # Comma-separated model entries: a bundled name, a local directory,
     # `s3://bucket/prefix`, or `name=source` to choose the public name.
     model: str = DEFAULT_MODELS
-    result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    # How long a job's record, result and webhook deliveries are kept after
+    # their last change; then GET answers 404. (Seconds; tests use a few.)
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=1)
     # Exact hosts, or `*.example.com` for subdomains. Empty admits any host
     # whose addresses are public (the address rule below still applies).
     allowed_media_domains: CommaList = []
@@ -84,12 +86,38 @@ class SharedSettings(BaseSettings):
     # The most frames a client may ask to sample from one video.
     video_max_frames: int = Field(default=64, ge=1, le=1024)
     # Celery's Redis visibility timeout: an unacked job is handed to another
-    # worker after this long, so it must exceed the longest job.
-    visibility_timeout: int = Field(default=3600, ge=60)
+    # worker after this long, so it must exceed the longest job. (A job found
+    # still running on a live worker is not run twice, so a short value costs
+    # only re-checks; tests use a few seconds to prove redelivery.)
+    visibility_timeout: int = Field(default=3600, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # `tenant:whsec_<base64>` pairs; several for one tenant sign side by side (rotation).
+    webhook_secrets: CommaList = []
+    webhook_timeout: float = Field(default=10.0, gt=0)
 
-    _split = field_validator("allowed_media_domains", "s3_allowed_buckets", mode="before")(split_commas)
+    _split = field_validator("allowed_media_domains", "s3_allowed_buckets", "webhook_secrets", mode="before")(
+        split_commas
+    )
     _limits = field_validator("limit_mm_per_prompt", mode="before")(parse_modality_limits)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _valid_secrets(cls, value: list[str]) -> list[str]:
+        from shared.webhooks import parse_tenant_secrets
+
+        parse_tenant_secrets(value)
+        return value
+
+    @property
+    def tenant_webhook_keys(self) -> dict[str, list[bytes]]:
+        from shared.webhooks import parse_tenant_secrets
+
+        return parse_tenant_secrets(self.webhook_secrets)
+
+    @property
+    def webhook_lease(self) -> float:
+        """How long a claimed delivery attempt may take before another webhook worker may retry it."""
+        return self.webhook_timeout + 30.0
 
     @property
     def models(self) -> list[ModelSpec]:

@@ -19,25 +19,73 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import keys
-from shared.schemas import ChatCompletion, ErrorBody, JobPublic, JobStatus, Timings
+from shared.catalog import queue_name
+from shared.schemas import (
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    ChatCompletion,
+    ErrorBody,
+    JobProgress,
+    JobPublic,
+    JobStatus,
+    Timings,
+    WebhookSpec,
+)
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {0, ''} end
+if not cur then return {0, '', {}} end
 local allowed = false
 for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then allowed = true end
 end
-if not allowed then return {0, cur} end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if not allowed then return {0, cur, {}} end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+local qkey = redis.call('HGET', KEYS[1], 'qkey')
+if qkey then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  if ARGV[2] == 'queued' then
+    -- queue_score() below, in Lua: back in line by priority, behind those already waiting.
+    local priority = tonumber(redis.call('HGET', KEYS[1], 'priority') or '5')
+    redis.call('ZADD', qkey, (9 - priority) * 1e10 + tonumber(ARGV[5]), id)
+    redis.call('EXPIRE', qkey, tonumber(ARGV[3]))
+  else
+    redis.call('ZREM', qkey, id)
+  end
+end
 redis.call('PUBLISH', KEYS[2], ARGV[2])
-return {1, ARGV[2]}
+return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
 """
 
+# Only while a job is running, and only if it still exists: a late progress
+# write must neither resurrect an expired record nor touch a finished one.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HSET', KEYS[1], 'tokens_generated', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# Idempotency-Key: remember the first job for (tenant, key); later callers get it back.
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return false
+"""
+
+
+def queue_score(priority: int, enqueued_at: float) -> float:
+    """Order of the queue-position index: urgent first, then oldest first (the broker's order)."""
+    return (PRIORITY_MAX - priority) * 1e10 + enqueued_at
+
+
 _JSON_FIELDS = ("request", "metadata", "result", "error", "timings")
+_FLOAT_FIELDS = ("started_at", "completed_at", "expires_at")
 
 
 def new_job_id() -> str:
@@ -60,6 +108,20 @@ class JobRecord:
     error: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     attempts: int = 0
+    # A queued job not started by then ends `expired` (ttl_seconds or VLMQ_DEFAULT_JOB_TTL).
+    expires_at: float | None = None
+    # The worker that last moved it to running: tells a dead worker's job from a live one's.
+    worker: str | None = None
+    tokens_generated: int | None = None
+
+    @property
+    def priority(self) -> int:
+        return int(self.request.get("priority", PRIORITY_DEFAULT))
+
+    @property
+    def webhook(self) -> WebhookSpec | None:
+        raw = self.request.get("webhook")
+        return WebhookSpec.model_validate(raw) if raw else None
 
     def to_hash(self) -> dict[str, str]:
         out: dict[str, str] = {
@@ -69,11 +131,17 @@ class JobRecord:
             "status": self.status.value,
             "created_at": repr(self.created_at),
             "attempts": str(self.attempts),
+            "priority": str(self.priority),
+            "qkey": keys.queued(queue_name(self.model)),
         }
-        for name in ("started_at", "completed_at"):
+        for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = repr(value)
+        for name in ("worker", "tokens_generated"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
         for name in _JSON_FIELDS:
             value = getattr(self, name)
             if value is not None:
@@ -102,9 +170,12 @@ class JobRecord:
             error=opt_json("error"),
             timings=opt_json("timings"),
             attempts=int(raw.get("attempts") or 0),
+            expires_at=opt_float("expires_at"),
+            worker=raw.get("worker") or None,
+            tokens_generated=int(raw["tokens_generated"]) if raw.get("tokens_generated") else None,
         )
 
-    def to_public(self) -> JobPublic:
+    def to_public(self, queue_position: int | None = None) -> JobPublic:
         return JobPublic(
             id=self.id,
             model=self.model,
@@ -117,21 +188,33 @@ class JobRecord:
             error=ErrorBody.model_validate(self.error) if self.error else None,
             attempts=self.attempts,
             timings=Timings.model_validate(self.timings) if self.timings else None,
+            priority=self.priority,
+            expires_at=int(self.expires_at) if self.expires_at else None,
+            webhook=self.webhook,
+            progress=JobProgress(
+                queue_position=queue_position if self.status is JobStatus.queued else None,
+                tokens_generated=self.tokens_generated,
+            ),
         )
 
 
 @dataclass(frozen=True)
 class Transition:
-    """Outcome of a transition: `applied` is False when the job was elsewhere (or gone)."""
+    """Outcome of a transition: `applied` is False when the job was elsewhere (or gone).
+
+    `record` is the job as the transition left it (read in the same script,
+    so no later change can slip in between): what a webhook announces.
+    """
 
     applied: bool
     status: JobStatus | None
+    record: JobRecord | None = None
 
 
 def _transition_args(
     allowed: Iterable[JobStatus], to: JobStatus, ttl: int, fields: Mapping[str, Any], count_attempt: bool
 ) -> list[str]:
-    args = [",".join(s.value for s in allowed), to.value, str(ttl), "1" if count_attempt else "0"]
+    args = [",".join(s.value for s in allowed), to.value, str(ttl), "1" if count_attempt else "0", repr(time.time())]
     for name, value in fields.items():
         args.append(name)
         if name in _JSON_FIELDS:
@@ -142,10 +225,11 @@ def _transition_args(
 
 
 def _transition_result(reply: list[Any]) -> Transition:
-    applied, status = int(reply[0]), reply[1]
+    applied, status, flat = int(reply[0]), reply[1], reply[2]
     if isinstance(status, bytes):
         status = status.decode()
-    return Transition(bool(applied), JobStatus(status) if status else None)
+    record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+    return Transition(bool(applied), JobStatus(status) if status else None, record)
 
 
 class JobStore:
@@ -155,10 +239,14 @@ class JobStore:
         self.redis = redis
         self.result_ttl = result_ttl
         self._transition = redis.register_script(_TRANSITION)
+        self._progress = redis.register_script(_PROGRESS)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(raw) if raw else None
+
+    def set_progress(self, job_id: str, tokens_generated: int) -> bool:
+        return bool(self._progress(keys=[keys.job(job_id)], args=[str(tokens_generated)]))
 
     def transition(
         self,
@@ -180,22 +268,42 @@ class AsyncJobStore:
         self.redis = redis
         self.result_ttl = result_ttl
         self._transition = redis.register_script(_TRANSITION)
+        self._claim = redis.register_script(_CLAIM)
 
     async def create(self, record: JobRecord) -> None:
         index = keys.tenant_jobs(record.tenant)
+        queued = keys.queued(queue_name(record.model))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job(record.id), mapping=record.to_hash())
             pipe.expire(keys.job(record.id), self.result_ttl)
             pipe.zadd(index, {record.id: record.created_at})
             pipe.zremrangebyscore(index, "-inf", record.created_at - self.result_ttl)
             pipe.expire(index, self.result_ttl)
+            pipe.zadd(queued, {record.id: queue_score(record.priority, record.created_at)})
+            pipe.expire(queued, self.result_ttl)
             await pipe.execute()
 
     async def delete(self, record: JobRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.job(record.id))
             pipe.zrem(keys.tenant_jobs(record.tenant), record.id)
+            pipe.zrem(keys.queued(queue_name(record.model)), record.id)
             await pipe.execute()
+
+    async def queue_position(self, record: JobRecord) -> int | None:
+        """Queued jobs ahead of this one in its model's queue (0 = next), or None when not queued."""
+        if record.status is not JobStatus.queued:
+            return None
+        rank = await self.redis.zrank(keys.queued(queue_name(record.model)), record.id)
+        return int(rank) if rank is not None else None
+
+    async def claim_idempotency_key(self, tenant: str, key_digest: str, value: str) -> str | None:
+        """Store `value` for the key unless one is there; return the one already there."""
+        found = await self._claim(keys=[keys.idempotency(tenant, key_digest)], args=[value, str(self.result_ttl)])
+        return found or None
+
+    async def release_idempotency_key(self, tenant: str, key_digest: str) -> None:
+        await self.redis.delete(keys.idempotency(tenant, key_digest))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(keys.job(job_id))

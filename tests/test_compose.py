@@ -20,14 +20,18 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from api_gateway.config import GatewaySettings
-from worker.config import WorkerSettings
+from worker.config import WebhookWorkerSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
 SCHEMA_FILE = ROOT.parent / "shared" / "compose-spec.json"
 
 # Which settings class reads the environment of a service, by `vlmq` subcommand.
-SETTINGS_BY_COMMAND: dict[str, type[BaseSettings]] = {"gateway": GatewaySettings, "worker": WorkerSettings}
+SETTINGS_BY_COMMAND: dict[str, type[BaseSettings]] = {
+    "gateway": GatewaySettings,
+    "worker": WorkerSettings,
+    "webhook-worker": WebhookWorkerSettings,
+}
 
 _FROM_LINE = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE | re.MULTILINE)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)")
@@ -101,7 +105,7 @@ def test_redis_is_durable_and_never_evicts(services: dict[str, dict[str, Any]]) 
     assert "redis-cli" in command_words({"command": redis["healthcheck"]["test"]})
 
 
-@pytest.mark.parametrize("name", ["gateway", "worker"])
+@pytest.mark.parametrize("name", ["gateway", "worker", "webhook-worker"])
 def test_waits_for_a_healthy_redis(services: dict[str, dict[str, Any]], name: str) -> None:
     depends_on = services[name].get("depends_on")
     assert isinstance(depends_on, dict), f"{name} must wait for redis with a condition, not a bare list"
@@ -140,8 +144,10 @@ def test_only_the_worker_image_installs_torch(services: dict[str, dict[str, Any]
     stages = dockerfile_stages(ROOT / "Dockerfile")
     gateway = stages[services["gateway"]["build"]["target"].lower()]
     worker = stages[services["worker"]["build"]["target"].lower()]
+    webhooks = stages[services["webhook-worker"]["build"]["target"].lower()]
     assert "[worker]" in worker
-    assert "[worker]" not in gateway and "torch" not in gateway.lower()
+    for light in (gateway, webhooks):
+        assert "[worker]" not in light and "torch" not in light.lower()
 
 
 @pytest.mark.parametrize("name", ["gateway", "worker"])

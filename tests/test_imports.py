@@ -41,3 +41,25 @@ def test_cli_help_is_light():
     )
     assert out.returncode == 0
     assert "torch" not in out.stderr and "transformers" not in out.stderr
+
+
+WEBHOOK_PROBE = """
+import sys
+
+class Forbid:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "PIL", "av", "numpy"):
+            raise ImportError(f"forbidden import: {name}")
+        return None
+
+sys.meta_path.insert(0, Forbid())
+import shared.cli, worker.webhooks, worker.netguard, worker.config
+worker.config.WebhookWorkerSettings()
+print("clean")
+"""
+
+
+def test_webhook_worker_imports_without_torch():
+    out = subprocess.run([sys.executable, "-c", WEBHOOK_PROBE], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clean"

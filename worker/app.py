@@ -28,20 +28,24 @@ class WorkerResources:
     runner: JobRunner
     engine: Any
     heartbeat: Any
+    cancels: Any
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerResources:
         import redis as redis_lib
 
+        from worker.cancel import CancelWatcher
         from worker.engine.loader import load_model
         from worker.engine.prepare import Preparer
         from worker.heartbeat import Heartbeat
         from worker.media.fetch import MediaFetcher
+        from worker.webhooks import Announcer
 
         spec = settings.served_model
         model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
         engine = build_engine(model, settings).start()
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+        cancels = CancelWatcher(redis).start()
         fetcher = MediaFetcher.from_settings(settings)
         runner = JobRunner(
             settings=settings,
@@ -50,13 +54,16 @@ class WorkerResources:
             preparer=Preparer(model, settings.default_max_tokens),
             engine=engine,
             model_name=spec.name,
+            watch_cancel=cancels.watch,
+            announce=Announcer(settings, redis),
         )
         info = {"device": str(model.device), "modalities": {spec.name: list(model.modalities)}}
         heartbeat = Heartbeat(redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, info).start()
-        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat)
+        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat, cancels=cancels)
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        self.cancels.stop()
         self.engine.stop()
         self.runner.fetcher.close()
         self.redis.close()

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from shared.catalog import ModelSpec
-from shared.settings import SharedSettings
+from shared.settings import SharedSettings, split_commas
 
 RGB = Annotated[tuple[int, int, int], NoDecode]
 
@@ -72,6 +72,8 @@ class WorkerSettings(SharedSettings):
     audio_max_duration: float = Field(default=30.0, gt=0)
 
     _rgb = field_validator("rgba_background", mode="before")(parse_rgb)
+    # How often a running job's `progress.tokens_generated` is written to its record.
+    progress_seconds: float = Field(default=1.0, gt=0)
 
     @property
     def served_model(self) -> ModelSpec:
@@ -82,3 +84,24 @@ class WorkerSettings(SharedSettings):
             if spec.name == self.worker_model:
                 return spec
         raise ValueError(f"VLMQ_WORKER_MODEL={self.worker_model!r} is not one of VLMQ_MODEL's models")
+
+
+class WebhookWorkerSettings(SharedSettings):
+    """The webhook worker (`vlmq webhook-worker`): no model, no torch."""
+
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Seconds to wait before each retry of a failed delivery; one attempt more than entries.
+    webhook_retry_schedule: Annotated[list[float], NoDecode] = [5, 300, 1800, 7200, 18000, 36000, 86400]
+    # Lifts the public-address rule for webhook URLs (private deployments, tests).
+    webhook_allow_private_networks: bool = False
+    webhook_concurrency: int = Field(default=16, ge=1, le=512)
+    # How often the pump looks for deliveries whose retry is due.
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+
+    @field_validator("webhook_retry_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        value = split_commas(value)
+        if isinstance(value, list) and any(float(v) < 0 for v in value):
+            raise ValueError("VLMQ_WEBHOOK_RETRY_SCHEDULE takes seconds >= 0")
+        return value

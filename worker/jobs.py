@@ -6,15 +6,21 @@ byte of media in `worker.media`, every state change in the job store.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import ClientError, InternalError, TransientError, VlmqError, error_body
+from shared import keys
+from shared.errors import ClientError, InternalError, JobExpiredError, TransientError, VlmqError, error_body
 from shared.media_policy import MediaPolicy, check_media_url, check_request_media
 from shared.schemas import (
+    EVENT_FOR_STATUS,
     AudioURLPart,
     ChatCompletion,
     ImageEmbedsPart,
@@ -24,12 +30,13 @@ from shared.schemas import (
     JobStatus,
     MediaPart,
     VideoPart,
+    WebhookEvent,
     parse_job_request,
 )
 from shared.store import JobRecord, JobStore
 from worker.config import WorkerSettings
 from worker.engine.prepare import Preparer
-from worker.engine.request import Generation
+from worker.engine.request import Generation, PreparedRequest
 from worker.media.audio import decode_audio
 from worker.media.embeds import decode_image_embeds
 from worker.media.fetch import MediaFetcher
@@ -40,14 +47,25 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (JobStatus.queued, JobStatus.running)
 
+Announce = Callable[[JobRecord | None, WebhookEvent], None]
+
 
 class RetryLater(Exception):
-    """Control flow: the job hit a transient error and should run again after `defer` seconds."""
+    """Control flow: the job should run again after `defer` seconds (a transient error, or a busy twin)."""
 
     def __init__(self, defer: float, cause: VlmqError) -> None:
         super().__init__(str(cause))
         self.defer = defer
         self.cause = cause
+
+
+def _no_announce(record: JobRecord | None, event: WebhookEvent) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _unwatched(job_id: str) -> Iterator[threading.Event]:
+    yield threading.Event()
 
 
 @dataclass
@@ -59,56 +77,162 @@ class JobRunner:
     engine: Any  # anything with submit(PreparedRequest) -> Future[Generation]
     model_name: str
 
+    # Sets the returned event when the job is cancelled (worker.cancel.CancelWatcher.watch).
+    watch_cancel: Callable[[str], contextlib.AbstractContextManager[threading.Event]] = _unwatched
+    announce: Announce = field(default=_no_announce)
+    # Jobs this process is running now: a redelivery of one of them is a twin, not a dead worker's.
+    _running: set[str] = field(default_factory=set, init=False)
+
     def run(self, job_id: str) -> None:
         record = self.store.get(job_id)
         if record is None:
             log.warning("job %s is gone (expired or deleted); dropping its task", job_id)
             return
         if record.status.terminal:
-            # Redelivery of a finished (or cancelled) job: nothing to do, nothing to repeat.
+            # A redelivery of a finished job: nothing to run again. Its event may not have
+            # been announced if the worker died right after the transition; announcing twice
+            # is a no-op, so make sure.
+            self.announce(record, EVENT_FOR_STATUS[record.status])
             return
-        started = time.time()
-        moved = self.store.transition(job_id, ACTIVE, JobStatus.running, {"started_at": started}, count_attempt=True)
-        if not moved.applied:
+        now = time.time()
+        if (
+            record.status is JobStatus.queued
+            and record.started_at is None
+            and record.expires_at
+            and now > record.expires_at
+        ):
+            self._expire(record)
             return
-        attempt = record.attempts + 1
-        try:
-            self._execute(record, started)
-        except ClientError as exc:
-            self._fail(job_id, exc)
-        except TransientError as exc:
-            if attempt >= self.settings.max_attempts:
-                self._fail(job_id, exc)
+        if record.status is JobStatus.running and self._interrupted(record):
+            return
+        with self.watch_cancel(job_id) as cancelled:
+            fields = {"started_at": now, "worker": self.settings.worker_name, "tokens_generated": 0}
+            moved = self.store.transition(job_id, ACTIVE, JobStatus.running, fields, count_attempt=True)
+            if not moved.applied or moved.record is None:
                 return
-            self.store.transition(job_id, (JobStatus.running,), JobStatus.queued, {"error": exc.to_body()})
-            raise RetryLater(defer=min(2.0**attempt, 60.0), cause=exc) from None
-        except Exception:
-            log.exception("job %s failed with an internal error", job_id)
-            self._fail(job_id, InternalError("The worker had an error while running the job."))
+            self.announce(moved.record, WebhookEvent.started)
+            attempt = moved.record.attempts
+            self._running.add(job_id)
+            try:
+                self._execute(moved.record, now, cancelled)
+            except ClientError as exc:
+                self._fail(job_id, exc)
+            except TransientError as exc:
+                if attempt >= self.settings.max_attempts:
+                    exc.message = f"{exc.message} (gave up after {attempt} attempts)"
+                    self._fail(job_id, exc)
+                else:
+                    back = self.store.transition(
+                        job_id, (JobStatus.running,), JobStatus.queued, {"error": exc.to_body()}
+                    )
+                    if back.applied:
+                        raise RetryLater(defer=self._defer(2.0**attempt), cause=exc) from None
+            except Exception:
+                log.exception("job %s failed with an internal error", job_id)
+                self._fail(job_id, InternalError("The worker had an error while running the job."))
+            finally:
+                self._running.discard(job_id)
+                self._announce_if_cancelled(job_id)
 
-    def _execute(self, record: JobRecord, started: float) -> None:
+    def _defer(self, seconds: float) -> float:
+        # A countdown longer than the broker's visibility timeout would be redelivered while it waits.
+        return max(0.5, min(seconds, 60.0, self.settings.visibility_timeout / 2))
+
+    def _interrupted(self, record: JobRecord) -> bool:
+        """Handle a job redelivered while marked running; True when this task is done with it.
+
+        Either its worker died mid-job (kill -9, out of memory, a crash the job
+        itself causes), or the visibility timeout ran out while a live worker
+        is still at it.
+        """
+        holder = record.worker
+        here = holder == self.settings.worker_name
+        if (here and record.id in self._running) or (
+            holder and not here and self.store.redis.exists(keys.worker(holder))
+        ):
+            # Still running elsewhere: look again later, so this message keeps watching
+            # over the job in case that worker dies after all.
+            raise RetryLater(
+                defer=self._defer(self.settings.heartbeat_seconds * 3),
+                cause=TransientError(f"job {record.id} is running on {holder}"),
+            )
+        if record.attempts >= self.settings.max_attempts:
+            log.error("job %s: its worker stopped mid-job %d times; failing it", record.id, record.attempts)
+            self._fail(
+                record.id,
+                InternalError(
+                    f"The job was interrupted {record.attempts} times: its worker stopped while running it "
+                    "(crash, out of memory or killed). It is not retried again.",
+                    code="worker_lost",
+                ),
+            )
+            return True
+        log.warning("job %s: its worker (%s) stopped mid-job; running it again", record.id, holder)
+        return False
+
+    def _expire(self, record: JobRecord) -> None:
+        error = JobExpiredError.for_ttl(round((record.expires_at or 0) - record.created_at))
+        fields = {"completed_at": time.time(), "error": error.to_body()}
+        moved = self.store.transition(record.id, (JobStatus.queued,), JobStatus.expired, fields)
+        if moved.applied:
+            self.announce(moved.record, WebhookEvent.expired)
+
+    def _announce_if_cancelled(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is not None and record.status is JobStatus.cancelled:
+            self.announce(record, WebhookEvent.cancelled)
+
+    def _execute(self, record: JobRecord, started: float, cancelled: threading.Event) -> None:
         request = parse_job_request(record.request)
         media_started = time.perf_counter()
         media = self._resolve_media(request)
         prepared = self.preparer.prepare(request, media, request_id=record.id)
+        prepared.cancelled = cancelled
         media_ms = (time.perf_counter() - media_started) * 1000
-        generation: Generation = self.engine.submit(prepared).result()
-        result = completion(record, generation)
-        timings = {
+        timings: dict[str, Any] = {
             "queued_ms": round((started - record.created_at) * 1000, 2),
             "media_ms": round(media_ms, 2),
-            "inference_ms": round(generation.inference_ms, 2),
-            "batch_size": generation.batch_size,
-            "batch_id": generation.batch_id,
         }
+        if cancelled.is_set():
+            self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, {"timings": timings})
+            return
+        generation = self._generate(record.id, prepared)
+        result = completion(record, generation)
+        timings.update(
+            inference_ms=round(generation.inference_ms, 2),
+            batch_size=generation.batch_size,
+            batch_id=generation.batch_id,
+        )
         fields = {
             "result": result.model_dump(mode="json"),
-            "completed_at": time.time(),
             "timings": timings,
-            "error": {},
+            "tokens_generated": generation.completion_tokens,
         }
-        if not self.store.transition(record.id, (JobStatus.running,), JobStatus.succeeded, fields).applied:
-            log.info("job %s finished after it was cancelled; result discarded", record.id)
+        if generation.finish_reason != "cancelled":
+            done = self.store.transition(
+                record.id,
+                (JobStatus.running,),
+                JobStatus.succeeded,
+                {**fields, "completed_at": time.time(), "error": {}},
+            )
+            if done.applied:
+                self.announce(done.record, WebhookEvent.completed)
+                return
+        # Cancelled while it ran: keep what was generated (the partial text) on the cancelled job.
+        self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, fields)
+
+    def _generate(self, job_id: str, prepared: PreparedRequest) -> Generation:
+        """Wait for the engine, writing the tokens generated so far to the record as it goes."""
+        future = self.engine.submit(prepared)
+        reported = 0
+        while True:
+            try:
+                generation: Generation = future.result(timeout=self.settings.progress_seconds)
+                return generation
+            except concurrent.futures.TimeoutError:
+                if prepared.progress != reported:
+                    reported = prepared.progress
+                    self.store.set_progress(job_id, reported)
 
     def _resolve_media(self, request: JobCreate) -> list[Any]:
         """Fetch and decode every media part, in order; the same checks as the gateway run first."""
@@ -203,7 +327,9 @@ class JobRunner:
 
     def _fail(self, job_id: str, exc: BaseException) -> None:
         fields = {"error": error_body(exc), "completed_at": time.time()}
-        self.store.transition(job_id, ACTIVE, JobStatus.failed, fields)
+        moved = self.store.transition(job_id, ACTIVE, JobStatus.failed, fields)
+        if moved.applied:
+            self.announce(moved.record, WebhookEvent.failed)
 
 
 def completion(record: JobRecord, generation: Generation) -> ChatCompletion:

@@ -123,7 +123,9 @@ def test_accepted_job_is_queued_for_its_model(gateway, redis_client):
     assert reply.status_code == 202
     created = reply.json()
     assert created["status"] == "queued" and created["metadata"] == {"a": "1"}
-    assert redis_client.llen(f"vlmq.model.{MODEL}") == 1
+    # Default priority 5 is broker priority 4: the Redis transport's list for it.
+    assert redis_client.llen(f"vlmq.model.{MODEL}\x06\x164") == 1
+    assert created["priority"] == 5 and created["progress"] == {"queue_position": 0, "tokens_generated": None}
     assert gateway.get(f"/v1/jobs/{created['id']}").json() == created
 
 

@@ -85,3 +85,50 @@ def test_list_newest_first_with_cursor(redis_server, redis_client):
     assert [r.id for r in p1[0]] == ids[:2] and p1[1]
     assert [r.id for r in p2[0]] == ids[2:4] and p2[1]
     assert [r.id for r in p3[0]] == ids[4:] and not p3[1]
+
+
+def test_the_queue_index_holds_exactly_the_queued_jobs_in_broker_order(redis_server, redis_client):
+    from shared.catalog import queue_name
+
+    async def create(*records):
+        store, client = async_store(redis_server)
+        for r in records:
+            await store.create(r)
+        await client.aclose()
+
+    def made(priority: int, at: float) -> JobRecord:
+        r = record(created_at=at)
+        r.request["priority"] = priority
+        return r
+
+    old_low, new_urgent, old_mid, new_mid = made(1, 10.0), made(9, 40.0), made(5, 20.0), made(5, 30.0)
+    asyncio.run(create(old_low, new_urgent, old_mid, new_mid))
+    index = keys.queued(queue_name("m"))
+    assert redis_client.zrange(index, 0, -1) == [new_urgent.id, old_mid.id, new_mid.id, old_low.id]
+
+    store = JobStore(redis_client, result_ttl=100)
+    moved = store.transition(old_mid.id, [JobStatus.queued], JobStatus.running)
+    assert moved.record.id == old_mid.id and moved.record.status is JobStatus.running  # the record as left
+    assert redis_client.zrange(index, 0, -1) == [new_urgent.id, new_mid.id, old_low.id]
+    # Back to queued (a transient error's retry): behind the jobs of its priority already waiting.
+    store.transition(old_mid.id, [JobStatus.running], JobStatus.queued)
+    assert redis_client.zrange(index, 0, -1) == [new_urgent.id, new_mid.id, old_mid.id, old_low.id]
+    store.transition(new_urgent.id, [JobStatus.queued], JobStatus.cancelled)
+    assert redis_client.zrank(index, new_mid.id) == 0 and redis_client.zrank(index, new_urgent.id) is None
+
+
+def test_progress_is_written_only_while_running(redis_server, redis_client):
+    async def create(r):
+        store, client = async_store(redis_server)
+        await store.create(r)
+        await client.aclose()
+
+    r = record()
+    asyncio.run(create(r))
+    store = JobStore(redis_client, result_ttl=100)
+    assert not store.set_progress(r.id, 3)
+    store.transition(r.id, [JobStatus.queued], JobStatus.running)
+    assert store.set_progress(r.id, 7) and store.get(r.id).tokens_generated == 7
+    store.transition(r.id, [JobStatus.running], JobStatus.succeeded)
+    assert not store.set_progress(r.id, 9) and store.get(r.id).tokens_generated == 7
+    assert not store.set_progress("job_gone", 1) and not redis_client.exists(keys.job("job_gone"))
