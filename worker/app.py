@@ -80,6 +80,7 @@ def build_engine(model: Any, settings: WorkerSettings) -> Any:
             max_model_len=settings.max_model_len,
             gpu_memory_fraction=settings.gpu_memory_fraction,
             cuda_graphs=settings.cuda_graphs,
+            encoder_cache_bytes=settings.encoder_cache_bytes,
         )
         # Requests are checked against what one KV slot holds, not the model's whole window.
         model.max_context = engine.max_len

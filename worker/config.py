@@ -46,6 +46,8 @@ class WorkerSettings(SharedSettings):
     # Longest prompt + output one request may use (0: the model's limit, capped at 4096).
     max_model_len: int = Field(default=0, ge=0)
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    # Vision-encoder outputs kept per engine, by media key (uuid or content hash), in bytes.
+    encoder_cache_bytes: int = Field(default=1024**3, ge=0)
     cuda_graphs: bool = True
     default_max_tokens: int = Field(default=256, ge=1)
     max_attempts: int = Field(default=3, ge=1)

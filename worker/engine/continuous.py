@@ -33,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +67,45 @@ class _Sequence:
     generator: Any = None
     max_batch: int = 1
     finish: str | None = None
+
+
+class EncoderCache:
+    """Vision-encoder outputs by media key, least recently used first out, under a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # read by metrics from other threads
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: Any) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            while self._items and self.bytes + size > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
+            self._items[key] = value
+            self.bytes += size
 
 
 class SlotCache:
@@ -127,6 +166,7 @@ class ContinuousEngine:
         cuda_graphs: bool = True,
         max_prefills_per_step: int = 64,
         prefill_tokens: int = 16384,
+        encoder_cache_bytes: int = 1024**3,
     ) -> None:
         import torch
 
@@ -156,6 +196,7 @@ class ContinuousEngine:
         self.cache = SlotCache(
             len(self.layers), self.slots, self.kv_heads, self.max_len, self.head_dim, self.dtype, self.device
         )
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.max_prefills_per_step = max_prefills_per_step
         self.prefill_tokens = prefill_tokens
         from worker.engine import vision
@@ -172,6 +213,7 @@ class ContinuousEngine:
         self.decode_steps = 0
         self.prefills = 0
         self.vision_calls = 0
+        self.vision_items = 0
         self.requests_served = 0
         self.vision_s = self.prefill_s = self.decode_s = 0.0
 
@@ -341,9 +383,12 @@ class ContinuousEngine:
             self._retire()
 
     def _encode_media(self, requests: list[PreparedRequest]) -> list[dict[str, Any]]:
-        """Run the vision encoder once over every admitted image (and once over videos).
+        """Encoder outputs per request and modality: cached ones reused, the rest in one vision pass.
 
-        A request that brings `image_embeds` skips the encoder: they are its output.
+        Items whose key is in the encoder cache skip the vision tower; every other
+        image (and, separately, every video) of every admitted request is encoded
+        together. A request that brings `image_embeds` skips the encoder: they are
+        its output.
         """
         import torch
 
@@ -351,21 +396,42 @@ class ContinuousEngine:
         for i, request in enumerate(requests):
             if request.inputs.get("image_embeds") is not None:
                 out[i]["image"] = request.inputs["image_embeds"].to(self.device)
+        merge = self.vl.visual.spatial_merge_size**2
         for kind, pixels_key, grid_key in (
             ("image", "pixel_values", "image_grid_thw"),
             ("video", "pixel_values_videos", "video_grid_thw"),
         ):
-            owners = [i for i, r in enumerate(requests) if r.inputs.get(pixels_key) is not None]
-            if not owners:
-                continue
-            pixels = torch.cat([requests[i].inputs[pixels_key] for i in owners]).to(self.device, self.vl.visual.dtype)
-            grids = torch.cat([requests[i].inputs[grid_key] for i in owners]).to(self.device)
-            merged = self.vl.visual(pixels, grid_thw=grids).pooler_output
-            self.vision_calls += 1
-            merge = self.vl.visual.spatial_merge_size**2
-            sizes = [int(requests[i].inputs[grid_key].prod(-1).sum()) // merge for i in owners]
-            for i, part in zip(owners, torch.split(merged, sizes), strict=True):
-                out[i][kind] = part
+            items: dict[int, list[Any]] = {}
+            todo: list[tuple[int, int, str | None, Any, Any]] = []  # request, item, key, pixels, grid
+            for i, request in enumerate(requests):
+                pixels = request.inputs.get(pixels_key)
+                if pixels is None:
+                    continue
+                grids = request.inputs[grid_key]
+                keys = request.media_keys.get(kind) or []
+                found: list[Any] = []
+                start = 0
+                for j, count in enumerate(grids.prod(-1).tolist()):
+                    key = keys[j] if j < len(keys) else None
+                    cached = self.encoder_cache.get(key) if key else None
+                    found.append(cached)
+                    if cached is None:
+                        todo.append((i, j, key, pixels[start : start + count], grids[j : j + 1]))
+                    start += count
+                items[i] = found
+            if todo:
+                pixels = torch.cat([t[3] for t in todo]).to(self.device, self.vl.visual.dtype)
+                grids = torch.cat([t[4] for t in todo]).to(self.device)
+                merged = self.vl.visual(pixels, grid_thw=grids).pooler_output
+                self.vision_calls += 1
+                self.vision_items += len(todo)
+                sizes = [int(t[4].prod()) // merge for t in todo]
+                for (i, j, key, _, _), features in zip(todo, torch.split(merged, sizes), strict=True):
+                    items[i][j] = features
+                    if key:
+                        self.encoder_cache.put(key, features)
+            for i, found in items.items():
+                out[i][kind] = torch.cat(found)
         return out
 
     def _embed(self, request: PreparedRequest, feats: dict[str, Any]) -> tuple[Any, Any]:

@@ -52,6 +52,10 @@ class PreparedRequest:
     deadline: float | None = None
     # Tokens generated so far, updated by the engine as it decodes.
     progress: int = 0
+    # Cache identity of each media item, per modality, in prompt order ({"image": [key, None]}):
+    # the engine reuses a cached encoder output for a key instead of running the vision tower.
+    # Keys are namespaced by whoever builds them (tenant, model, processor settings).
+    media_keys: dict[str, list[str | None]] = field(default_factory=dict)
 
     def should_stop(self) -> str | None:
         if self.cancelled.is_set():

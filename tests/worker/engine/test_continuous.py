@@ -129,3 +129,44 @@ def test_seeded_sampling_does_not_depend_on_batch_neighbours(tiny, engine):
     mine = preparer.prepare(request("Describe the image.", 1, **params), image)
     futures = [engine.submit(p) for p in [*crowd, mine]]
     assert futures[-1].result(timeout=60).token_ids == alone.token_ids
+
+
+def test_encoder_cache_hits_skip_the_vision_tower_and_keep_outputs_equal(tiny, engine):
+    preparer = Preparer(tiny, 16)
+    red, blue = (Image.new("RGB", (70, 56), COLORS[0]), Image.new("RGB", (56, 84), COLORS[2]))
+    first = preparer.prepare(request("What color is this image?", 1), [red])
+    first.media_keys = {"image": ["tenant-a:model:red"]}
+    assert engine.generate(first).token_ids == reference(tiny, first)
+    assert engine.vision_items == 1
+
+    again = preparer.prepare(request("Describe the image.", 1), [red])
+    again.media_keys = {"image": ["tenant-a:model:red"]}
+    assert engine.generate(again).token_ids == reference(tiny, again)
+    assert engine.vision_items == 1  # a hit: no encoder work
+    assert engine.encoder_cache.hits == 1
+
+    mixed = preparer.prepare(request("Caption this picture.", 2), [red, blue])
+    mixed.media_keys = {"image": ["tenant-a:model:red", "tenant-a:model:blue"]}
+    assert engine.generate(mixed).token_ids == reference(tiny, mixed)
+    assert engine.vision_items == 2  # only the new image was encoded
+
+    other_tenant = preparer.prepare(request("What color is this image?", 1), [red])
+    other_tenant.media_keys = {"image": ["tenant-b:model:red"]}
+    engine.generate(other_tenant)
+    assert engine.vision_items == 3  # keys are the namespace: no cross-tenant reuse
+
+
+def test_encoder_cache_evicts_least_recently_used_under_its_budget():
+    import torch
+
+    from worker.engine.continuous import EncoderCache
+
+    cache = EncoderCache(max_bytes=3 * 400)
+    for name in "abc":
+        cache.put(name, torch.zeros(100))  # 400 bytes each
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", torch.zeros(100))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    assert cache.bytes == 1200 and len(cache) == 3
+    cache.put("huge", torch.zeros(1000))  # larger than the whole budget: not kept
+    assert cache.get("huge") is None and len(cache) == 3
