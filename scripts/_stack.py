@@ -1,4 +1,4 @@
-"""The local stack behind `scripts/run`: venv, Redis, gateway, one worker per model.
+"""The local stack behind `scripts/run`: venv, Redis, gateway, one worker per model, the webhook worker.
 
 Standard library only, so it runs on a fresh machine before anything is
 installed. `scripts/run` finds a Python 3.11+ and starts this file; see
@@ -313,8 +313,8 @@ def venv_eval(code: str, env: dict[str, str] | None = None) -> str:
 def model_names(env: dict[str, str]) -> list[str]:
     code = (
         "import json, os\n"
-        "from shared.catalog import TINY_MODEL_NAME, parse_model_specs\n"
-        "print(json.dumps([s.name for s in parse_model_specs(os.environ.get('VLMQ_MODEL') or TINY_MODEL_NAME)]))\n"
+        "from shared.settings import SharedSettings\n"
+        "print(json.dumps([s.name for s in SharedSettings().models]))\n"
     )
     try:
         return json.loads(venv_eval(code, env))
@@ -591,6 +591,32 @@ def api_key(run_dir: Path) -> tuple[str, str, bool]:
     return entry, entry.partition(":")[2], True
 
 
+def webhook_secrets(run_dir: Path, keys: str) -> tuple[str, str | None]:
+    """(VLMQ_WEBHOOK_SECRETS value, the dev secret to show if we made one).
+
+    Without configured secrets every tenant gets one dev secret (kept in
+    .run/dev-webhook-secret), so webhooks work out of the box locally.
+    """
+    configured = os.environ.get("VLMQ_WEBHOOK_SECRETS", "").strip()
+    if configured:
+        return configured, None
+    path = run_dir / "dev-webhook-secret"
+    try:
+        secret = path.read_text().strip()
+    except OSError:
+        secret = ""
+    if not re.fullmatch(r"whsec_[A-Za-z0-9+/=]{24,}", secret):
+        import base64
+
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+    tenants = sorted({e.strip().partition(":")[0] for e in keys.split(",") if e.strip()})
+    return ",".join(f"{tenant}:{secret}" for tenant in tenants), secret
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
@@ -644,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         models = model_names(env)
         keys, key, dev_key = api_key(run_dir)
         env["VLMQ_API_KEYS"] = keys
+        env["VLMQ_WEBHOOK_SECRETS"], dev_secret = webhook_secrets(run_dir, keys)
         env["VLMQ_PORT"] = str(port)
         env["VLMQ_HOST"] = host
 
@@ -670,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             children.append(worker)
             step(f"worker {name}: starting (pid {worker.pid}, log {rel(worker.log)})")
+        hooks = start_child("webhook worker", [str(VLMQ_BIN), "webhook-worker"], logs / "webhook-worker.log", env)
+        children.append(hooks)
+        step(f"webhook worker: starting (pid {hooks.pid}, log {rel(hooks.log)})")
 
         probe_host = HOST if host in ("0.0.0.0", "::", "") else host
         base = f"http://{probe_host}:{port}"
@@ -681,6 +711,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  URL:      {base}",
             f"  API key:  {key}" + (f"   (dev key, kept in {rel(run_dir / 'dev-key')})" if dev_key else ""),
             f"  Models:   {', '.join(models)}",
+            *(
+                [f"  Webhooks: signed with {dev_secret}   (dev secret, kept in {rel(run_dir / 'dev-webhook-secret')})"]
+                if dev_secret
+                else []
+            ),
             f"  Redis:    {redis_url}",
             f"  Logs:     {rel(logs)}/",
             "",
