@@ -321,7 +321,7 @@ def run_celery(workload: str, model_path: Path, cache: Path, n: int, size: int, 
         "VLMQ_REDIS_URL": url,
         "VLMQ_MODEL": spec,
         "VLMQ_MODEL_CACHE_DIR": str(cache),
-        "VLMQ_CONCURRENCY": "128",
+        "VLMQ_CONCURRENCY": os.environ.get("VLMQ_CONCURRENCY", "0"),
         "VLMQ_MAX_BATCH_SIZE": "256",
         "VLMQ_MAX_MODEL_LEN": "1024",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -367,13 +367,44 @@ def run_celery(workload: str, model_path: Path, cache: Path, n: int, size: int, 
         started = time.time()
         for job_id in ids[1:]:
             celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_name(name))
+        profiler = None
+        if os.environ.get("VLMQ_BENCH_PYSPY"):  # sample the worker while it runs the burst
+            profiler = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "--gil",
+                    "--nonblocking",
+                    "-d",
+                    "6",
+                    "-f",
+                    "raw",
+                    "-o",
+                    os.environ["VLMQ_BENCH_PYSPY"],
+                    "--pid",
+                    str(worker.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         records = _wait_jobs(store, ids[1:])
         elapsed = time.time() - started
+        if profiler is not None:
+            profiler.wait(30)
         ok = [r for r in records if r.status.value == "succeeded"]
         overhead = sorted(
             ((r.completed_at or 0) - r.created_at) * 1000 - (r.timings or {}).get("inference_ms", 0) for r in ok
         )
+
+        def median_timing(name: str) -> float | None:
+            values = [(r.timings or {}).get(name) for r in ok]
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else None
+
         return {
+            "celery_queued_ms_p50": median_timing("queued_ms"),
+            "celery_media_ms_p50": median_timing("media_ms"),
+            "celery_inference_ms_p50": median_timing("inference_ms"),
             "celery_req_s": len(ok) / elapsed,
             "celery_succeeded": len(ok),
             "celery_jobs": len(records),
@@ -389,11 +420,18 @@ def run_celery(workload: str, model_path: Path, cache: Path, n: int, size: int, 
 
 
 def _wait_jobs(store: Any, ids: list[str], timeout: float = 900) -> list[Any]:
+    """Wait for every job to end, reading only their statuses (records carry whole requests)."""
+    from shared import keys
+    from shared.schemas import TERMINAL_STATUSES
+
+    terminal = {s.value for s in TERMINAL_STATUSES}
     deadline = time.time() + timeout
     while time.time() < deadline:
-        records = [store.get(i) for i in ids]
-        if all(r is not None and r.status.terminal for r in records):
-            return records
+        pipe = store.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "status")
+        if all(status in terminal for status in pipe.execute()):
+            return [store.get(i) for i in ids]
         time.sleep(0.05)
     raise RuntimeError("bench jobs did not finish")
 
@@ -541,7 +579,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.empty_cache()
         result.update(run_celery(args.workload, model.path, args.cache, min(n, 128), size, max_tokens))
         print(
-            f"through celery: {result['celery_req_s']:.2f} req/s, overhead p50 {result['celery_overhead_p50_ms']} ms",
+            f"through celery: {result['celery_req_s']:.2f} req/s, overhead p50 {result['celery_overhead_p50_ms']} ms "
+            f"(p50 queued {result['celery_queued_ms_p50']} ms, media {result['celery_media_ms_p50']} ms, "
+            f"inference {result['celery_inference_ms_p50']} ms)",
             flush=True,
         )
         if path is not None:

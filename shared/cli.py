@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
 
     wk = sub.add_parser("worker", help="run a GPU worker for one model")
     wk.add_argument("--model", help="which of VLMQ_MODEL to serve (default the first)")
-    wk.add_argument("--concurrency", type=int, help="jobs in flight (default VLMQ_CONCURRENCY or 8)")
+    wk.add_argument(
+        "--concurrency", type=int, help="jobs in flight (default VLMQ_CONCURRENCY, or twice the batch size)"
+    )
     wk.add_argument("--loglevel", default="INFO")
 
     hooks = sub.add_parser("webhook-worker", help="run the webhook delivery worker (no model, no torch)")

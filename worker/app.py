@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,9 @@ def create_celery_app(resources: WorkerResources) -> Any:
 def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO") -> None:
     settings = settings or WorkerSettings()
     spec = settings.served_model
+    # Task threads preparing media compete with the engine thread for the GIL; a
+    # shorter switch interval lets the engine's short Python steps in sooner.
+    sys.setswitchinterval(0.001)
     resources = WorkerResources.start(settings)
     app = create_celery_app(resources)
     try:
@@ -111,7 +115,7 @@ def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO"
             [
                 "worker",
                 "--pool=threads",
-                f"--concurrency={settings.concurrency}",
+                f"--concurrency={settings.task_threads}",
                 f"--queues={spec.queue}",
                 f"--hostname={spec.name}@{settings.worker_name}",
                 f"--loglevel={loglevel}",

@@ -34,7 +34,9 @@ class WorkerSettings(SharedSettings):
     # empty means the first.
     worker_model: str = ""
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    concurrency: int = Field(default=8, ge=1, le=256)
+    # Jobs in flight (task threads fetching and preparing media for the engine);
+    # 0 = twice VLMQ_MAX_BATCH_SIZE, so the next batch is prepared while one decodes.
+    concurrency: int = Field(default=0, ge=0, le=1024)
     model_cache_dir: Path = Field(default_factory=_default_cache_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -76,6 +78,10 @@ class WorkerSettings(SharedSettings):
     _rgb = field_validator("rgba_background", mode="before")(parse_rgb)
     # How often a running job's `progress.tokens_generated` is written to its record.
     progress_seconds: float = Field(default=1.0, gt=0)
+
+    @property
+    def task_threads(self) -> int:
+        return self.concurrency or 2 * self.max_batch_size
 
     @property
     def served_model(self) -> ModelSpec:
