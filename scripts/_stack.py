@@ -34,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -571,23 +572,28 @@ def run_demo(base: str, key: str, model: str) -> int:
 # ----------------------------------------------------------------- main
 
 
+def kept_secret(path: Path, pattern: str, make: Callable[[], str]) -> str:
+    """A dev secret kept (owner-only) in the run dir, so it stays the same across restarts."""
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        value = ""
+    if not re.fullmatch(pattern, value):
+        value = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(value + "\n")
+    return value
+
+
 def api_key(run_dir: Path) -> tuple[str, str, bool]:
     """(VLMQ_API_KEYS value, the key to show, whether it is the dev key)."""
     configured = os.environ.get("VLMQ_API_KEYS", "").strip()
     if configured:
         first = next((e.strip() for e in configured.split(",") if e.strip()), "")
         return configured, first.partition(":")[2], False
-    path = run_dir / "dev-key"
-    try:
-        entry = path.read_text().strip()
-    except OSError:
-        entry = ""
-    if not re.fullmatch(r"dev:[A-Za-z0-9_-]{16,}", entry):
-        entry = "dev:" + secrets.token_urlsafe(24)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(entry + "\n")
+    entry = kept_secret(run_dir / "dev-key", r"dev:[A-Za-z0-9_-]{16,}", lambda: "dev:" + secrets.token_urlsafe(24))
     return entry, entry.partition(":")[2], True
 
 
@@ -600,19 +606,11 @@ def webhook_secrets(run_dir: Path, keys: str) -> tuple[str, str | None]:
     configured = os.environ.get("VLMQ_WEBHOOK_SECRETS", "").strip()
     if configured:
         return configured, None
-    path = run_dir / "dev-webhook-secret"
-    try:
-        secret = path.read_text().strip()
-    except OSError:
-        secret = ""
-    if not re.fullmatch(r"whsec_[A-Za-z0-9+/=]{24,}", secret):
-        import base64
-
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
+    secret = kept_secret(
+        run_dir / "dev-webhook-secret",
+        r"whsec_[A-Za-z0-9+/=]{24,}",
+        lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode(),
+    )
     tenants = sorted({e.strip().partition(":")[0] for e in keys.split(",") if e.strip()})
     return ",".join(f"{tenant}:{secret}" for tenant in tenants), secret
 

@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from shared.catalog import TINY_AUDIO_MODEL_NAME, TINY_MODEL_NAME
 
@@ -243,7 +244,6 @@ def _teach(model, processor, seed: int, steps: int = 150, batch: int = 8) -> Non
 
 def build_tiny_model(target: Path, seed: int = 0) -> Path:
     """Build the tiny model into `target` (atomically: a half-built dir never appears)."""
-    import torch
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2VLConfig,
@@ -313,22 +313,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    # The default init (std 0.02) leaves the residual stream dominated by the
-    # input embedding, and with tied embeddings greedy decoding then repeats its
-    # last token forever. Fan-in scaling makes every layer count, so the text
-    # depends on the prompt and the pixels, which is what the tests compare.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    _teach(model, processor, seed)
-    model.eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-
+    model = initialize_and_teach(Qwen2VLForConditionalGeneration, config, processor, ids, seed, _teach)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     # The flat preprocessor_config.json too: older transformers releases look only there.
@@ -344,6 +329,40 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
     return publish(staging, target)
 
 
+def initialize_and_teach(
+    model_class: Any, config: Any, processor: Any, ids: dict[str, int], seed: int, teach: Any
+) -> Any:
+    """A bundled model's weights: seeded fan-in init, a few seconds of `teach`, greedy defaults.
+
+    The default init (std 0.02) leaves the residual stream dominated by the
+    input embedding, and with tied embeddings greedy decoding then repeats its
+    last token forever. Fan-in scaling makes every layer count, so the text
+    depends on the prompt and the media, which is what the tests compare.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    teach(model, processor, seed)
+    model.eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    return model
+
+
+def ensure_built(cache_dir: Path, name: str, version: str, build: Any) -> Path:
+    """The cached build of a bundled model, built first if this version is not there yet."""
+    target = Path(cache_dir) / f"{name}-v{version}"
+    if not (target / "vlmq.json").exists():
+        build(target)
+    return target
+
+
 def publish(staging: Path, target: Path) -> Path:
     try:
         os.replace(staging, target)
@@ -356,10 +375,7 @@ def publish(staging: Path, target: Path) -> Path:
 
 
 def ensure_tiny_model(cache_dir: Path) -> Path:
-    target = Path(cache_dir) / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
-    if not (target / "vlmq.json").exists():
-        build_tiny_model(target)
-    return target
+    return ensure_built(cache_dir, TINY_MODEL_NAME, TINY_MODEL_VERSION, build_tiny_model)
 
 
 def ensure_bundled_model(name: str, cache_dir: Path) -> Path:

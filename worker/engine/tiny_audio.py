@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.catalog import TINY_AUDIO_MODEL_NAME
-from worker.engine.tiny import _WORDS, _train_tokenizer, publish
+from worker.engine.tiny import _WORDS, _train_tokenizer, ensure_built, initialize_and_teach, publish
 
 TINY_AUDIO_MODEL_VERSION = "1"
 SAMPLING_RATE = 16_000
@@ -120,7 +120,6 @@ def _teach(model, processor, seed: int, steps: int = 120, batch: int = 8, pool: 
 
 def build_tiny_audio_model(target: Path, seed: int = 0) -> Path:
     """Build the tiny audio model into `target` (atomically, like the tiny Qwen2-VL)."""
-    import torch
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2AudioConfig,
@@ -181,18 +180,7 @@ def build_tiny_audio_model(target: Path, seed: int = 0) -> Path:
         },
         audio_token_index=ids["<|AUDIO|>"],
     )
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    _teach(model, processor, seed)
-    model.eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-
+    model = initialize_and_teach(Qwen2AudioForConditionalGeneration, config, processor, ids, seed, _teach)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     marker = {"name": TINY_AUDIO_MODEL_NAME, "version": TINY_AUDIO_MODEL_VERSION}
@@ -201,7 +189,4 @@ def build_tiny_audio_model(target: Path, seed: int = 0) -> Path:
 
 
 def ensure_tiny_audio_model(cache_dir: Path) -> Path:
-    target = Path(cache_dir) / f"{TINY_AUDIO_MODEL_NAME}-v{TINY_AUDIO_MODEL_VERSION}"
-    if not (target / "vlmq.json").exists():
-        build_tiny_audio_model(target)
-    return target
+    return ensure_built(cache_dir, TINY_AUDIO_MODEL_NAME, TINY_AUDIO_MODEL_VERSION, build_tiny_audio_model)
