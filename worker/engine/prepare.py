@@ -6,8 +6,12 @@ task threads, so the engine thread only ever runs the model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import queue
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from shared.errors import InvalidRequestError
@@ -67,19 +71,34 @@ class Preparer:
     def __init__(self, model: LoadedModel, default_max_tokens: int) -> None:
         self.model = model
         self.default_max_tokens = default_max_tokens
-        # Fast tokenizers are not safe to share across threads: each thread gets its own copy.
-        self._local = threading.local()
+        # Fast tokenizers are not safe to share across threads, so threads borrow copies
+        # from a pool: a few, made on first need (preparing is CPU-bound: more copies than
+        # cores would not run any faster, and a copy per task thread costs seconds to make).
+        self._copies: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._made = 0
+        self._max_copies = max(2, min(8, os.cpu_count() or 2))
+        self._lock = threading.Lock()
 
-    def _processor(self) -> Any:
-        processor = getattr(self._local, "processor", None)
-        if processor is None:
-            processor = copy.deepcopy(self.model.processor)
-            self._local.processor = processor
-        return processor
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[Any]:
+        try:
+            processor = self._copies.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self._max_copies
+                self._made += make
+            processor = copy.deepcopy(self.model.processor) if make else self._copies.get()
+        try:
+            yield processor
+        finally:
+            self._copies.put(processor)
 
     def prepare(self, request: JobCreate, media: list[Any], request_id: str = "") -> PreparedRequest:
         """`media` holds one decoded item per media part, in the order of `request.media_parts()`."""
-        processor = self._processor()
+        with self._borrow() as processor:
+            return self._prepare(processor, request, media, request_id)
+
+    def _prepare(self, processor: Any, request: JobCreate, media: list[Any], request_id: str) -> PreparedRequest:
         parts = [part for _, part in request.media_parts()]
         for param, part in request.media_parts():
             if part.modality not in self.model.modalities:
