@@ -450,11 +450,27 @@ def write_results(result: dict[str, Any], out_dir: Path, path: Path | None = Non
     for file in sorted(out_dir.glob("*.json")):
         r = json.loads(file.read_text())
         rows.append(
-            f"| {r['date'][:10]} | {r['workload']} | {r['gpu']} | {r['requests']} | {r['naive_single_req_s']:.2f} | "
-            f"{r['naive_static_req_s']:.2f} | **{r['engine_req_s']:.2f}** | {r['engine_out_tok_s']:.0f} | "
-            f"{r['speedup_vs_static']:.1f}x | {r['speedup_vs_single']:.0f}x | {r['p50_s']:.2f} / {r['p99_s']:.2f} | "
-            f"{r['gpu_mem_gib']:.1f} | {_fmt(r.get('agreement', {}).get('prefix_agreement'))} | "
-            f"{_fmt(r.get('celery_req_s'))} | {_fmt(r.get('celery_overhead_p50_ms'))} |"
+            "| "
+            + " | ".join(
+                [
+                    r["date"][:10],
+                    r["workload"],
+                    r["gpu"],
+                    str(r["requests"]),
+                    _fmt(r.get("naive_single_req_s")),
+                    _fmt(r.get("naive_static_req_s")),
+                    f"**{r['engine_req_s']:.2f}**",
+                    f"{r['engine_out_tok_s']:.0f}",
+                    _fmt(r.get("speedup_vs_static"), "{:.1f}x"),
+                    _fmt(r.get("speedup_vs_single"), "{:.0f}x"),
+                    f"{r['p50_s']:.2f} / {r['p99_s']:.2f}",
+                    f"{r.get('engine_slots', '-')} x {r.get('engine_max_model_len', '-')}",
+                    f"{r['gpu_mem_gib']:.1f}",
+                    _fmt(r.get("agreement", {}).get("prefix_agreement")),
+                    _fmt(r.get("celery_req_s")),
+                ]
+            )
+            + " |"
         )
     table = out_dir.parent / "RESULTS.md"
     header = (
@@ -464,17 +480,17 @@ def write_results(result: dict[str, Any], out_dir: Path, path: Path | None = Non
         "celery = the same engine behind a real Redis + Celery worker (overhead = submit-to-result minus "
         "engine time, p50).\n\n"
         "| date | workload | device | requests | naive single req/s | naive static req/s | vlmq req/s | "
-        "vlmq out tok/s | vs static | vs single | p50 / p99 s | GPU GiB | agreement | celery req/s | "
-        "celery overhead ms |\n|" + "---|" * 15 + "\n"
+        "vlmq out tok/s | vs static | vs single | p50 / p99 s | KV slots x tokens | peak GPU GiB | agreement | "
+        "celery req/s |\n|" + "---|" * 15 + "\n"
     )
     table.write_text(header + "\n".join(rows) + "\n")
     return path
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, form: str = "{:.2f}") -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return form.format(value) if isinstance(value, float) else str(value)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -487,6 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=None, help="forced output tokens (w1: 128, tiny: 16)")
     parser.add_argument("--max-batch", type=int, default=256, help="engine slots")
     parser.add_argument("--max-model-len", type=int, default=1024, help="tokens per KV slot")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="budget that sizes the KV cache")
     parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("VLMQ_BENCH_CACHE", REPO / ".cache" / "bench"))
     )
@@ -541,9 +558,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
-    engine = ContinuousEngine(model, max_batch_size=args.max_batch, max_model_len=args.max_model_len).start()
+    engine = ContinuousEngine(
+        model,
+        max_batch_size=args.max_batch,
+        max_model_len=args.max_model_len,
+        gpu_memory_fraction=args.gpu_memory_fraction,
+    ).start()
     try:
-        run_engine(engine, prepared[: min(len(prepared), args.max_batch)])  # warm-up: capture graphs
+        run_engine(engine, prepared[: min(len(prepared), engine.slots)])  # warm-up: capture graphs
         measured = run_engine(engine, prepared[:n])
     finally:
         engine.stop()
@@ -555,13 +577,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "p99_s": measured["p99_s"],
             "gpu_mem_gib": gpu_mem_gib(model),
             "engine_slots": engine.slots,
+            "engine_max_model_len": engine.max_len,
             "decode_steps": engine.decode_steps,
         }
     )
     print(
         f"vlmq engine: {measured['req_s']:.2f} req/s, {measured['out_tok_s']:.0f} tok/s, "
         f"p50 {measured['p50_s']:.2f}s p99 {measured['p99_s']:.2f}s; engine busy in vision {engine.vision_s:.1f}s, "
-        f"prefill {engine.prefill_s:.1f}s, decode {engine.decode_s:.1f}s ({engine.decode_steps} steps)",
+        f"prefill {engine.prefill_s:.1f}s, decode {engine.decode_s:.1f}s ({engine.decode_steps} steps); "
+        f"{engine.slots} KV slots of {engine.max_len} tokens, peak GPU memory {gpu_mem_gib(model):.1f} GiB",
         flush=True,
     )
     if args.profile:
@@ -571,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["speedup_vs_static"] = result["engine_req_s"] / result["naive_static_req_s"]
         result["speedup_vs_single"] = result["engine_req_s"] / result["naive_single_req_s"]
         print(f"agreement with generate: {result['agreement']}", flush=True)
-    path = write_results(result, args.out) if not args.no_naive else None
+    path = write_results(result, args.out)
     if args.celery:
         import gc
 

@@ -46,7 +46,10 @@ from worker.engine.sampling import Sampler
 log = logging.getLogger(__name__)
 
 QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+BATCH_BUCKETS = (
+    *(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512),
+    *(640, 768, 896, 1024, 1280, 1536, 1792, 2048),
+)
 _STOP = object()
 
 
