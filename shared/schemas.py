@@ -385,6 +385,26 @@ class Timings(BaseModel):
     batch_id: str | None = None
 
 
+class CacheItem(BaseModel):
+    """What the media cache did for one media item of a job."""
+
+    param: str  # the part, as error `param`s name it: messages[0].content[1]
+    modality: str
+    uuid: str | None = None
+    # Shared tier (all workers, by uuid): `hit` (media null resolved by its uuid), `stored` (sent
+    # with a uuid and written), `refreshed` (the same media was there: TTL renewed), `skipped`
+    # (too large to cache); null without a uuid.
+    shared: Literal["hit", "stored", "refreshed", "skipped"] | None = None
+    # Worker tier (the process that ran the job, by content): `hit` skipped fetch/decode and
+    # preprocessing and, for the Qwen2-VL engine, finds the vision encoder output under the same
+    # key; null where the model has no worker tier (embeddings, audio, non-Qwen2-VL processors).
+    worker: Literal["hit", "miss"] | None = None
+
+
+class MediaCacheReport(BaseModel):
+    items: list[CacheItem] = Field(default_factory=list)
+
+
 class JobProgress(BaseModel):
     """How far an unfinished job has come; null where it does not apply."""
 
@@ -409,6 +429,7 @@ class JobPublic(BaseModel):
     expires_at: int | None = None  # a queued job not started by then ends `expired`
     webhook: WebhookSpec | None = None
     progress: JobProgress = Field(default_factory=JobProgress)
+    cache: MediaCacheReport | None = None  # per media item: which cache tiers hit
 
 
 class JobList(BaseModel):
