@@ -92,7 +92,10 @@ class InputAudio(_Strict):
 
 
 class _MediaPart(_Strict):
-    """A part that carries media: its payload lives in the field named like its type."""
+    """A part that carries media: its payload lives in the field named like its type.
+
+    The payload may be null (or, as stored jobs are written without nulls,
+    absent) when a uuid names media the service already holds."""
 
     modality: ClassVar[str]
     uuid: str | None = Field(default=None, min_length=1, max_length=256)
@@ -122,25 +125,25 @@ class _MediaPart(_Strict):
 class ImagePart(_MediaPart):
     modality: ClassVar[str] = "image"
     type: Literal["image_url"]
-    image_url: ImageURL | None
+    image_url: ImageURL | None = None
 
 
 class VideoPart(_MediaPart):
     modality: ClassVar[str] = "video"
     type: Literal["video_url"]
-    video_url: MediaURL | None
+    video_url: MediaURL | None = None
 
 
 class AudioURLPart(_MediaPart):
     modality: ClassVar[str] = "audio"
     type: Literal["audio_url"]
-    audio_url: MediaURL | None
+    audio_url: MediaURL | None = None
 
 
 class InputAudioPart(_MediaPart):
     modality: ClassVar[str] = "audio"
     type: Literal["input_audio"]
-    input_audio: InputAudio | None
+    input_audio: InputAudio | None = None
 
     @property
     def url_param(self) -> str:
@@ -154,7 +157,7 @@ class ImageEmbedsPart(_MediaPart):
 
     modality: ClassVar[str] = "image"
     type: Literal["image_embeds"]
-    image_embeds: str | dict[str, str] | None
+    image_embeds: str | dict[str, str] | None = None
 
     @property
     def url_param(self) -> str:
