@@ -17,7 +17,7 @@ import torch
 
 from shared import keys, metrics
 from shared.media_cache import MediaCache
-from shared.schemas import JobStatus
+from shared.schemas import JobCreate, JobStatus
 from shared.store import JobRecord, JobStore, new_job_id
 from tests.conftest import MODEL, data_url, png_bytes
 from tests.worker.engine.test_batcher import reference
@@ -26,6 +26,7 @@ from worker.engine.continuous import ContinuousEngine
 from worker.engine.prepare import Preparer
 from worker.jobs import JobRunner
 from worker.media.fetch import MediaFetcher
+from worker.media.image import decode_image
 from worker.media_cache import ItemCache
 from worker.resolver import MediaResolver
 
@@ -121,34 +122,20 @@ def test_a_uuid_hit_skips_decode_preprocessing_and_the_vision_tower_with_equal_t
     assert again.result["usage"] == first.result["usage"]
 
     # Token for token: the uuid-resolved request (cached pixels, cached encoder output)
-    # against transformers' generate on a request built from the image itself.
-    request = JobRecord.from_hash(redis_client.hgetall(keys.job(again.id))).request
-    from shared.schemas import JobCreate
-
-    cached = a.resolver.resolve("alice", JobCreate.model_validate(request))
-    prepared = a.runner.preparer.prepare(JobCreate.model_validate(request), cached.media, keys=cached.keys)
+    # against transformers' generate on the same request built from the image itself.
+    by_ref = JobCreate.model_validate(
+        first.request | {"messages": [{"role": "user", "content": [by_uuid("sku-1"), QUESTION]}]}
+    )
+    cached = a.resolver.resolve("alice", by_ref)
+    prepared = a.runner.preparer.prepare(by_ref, cached.media, keys=cached.keys)
     fresh = Preparer(tiny, 16).prepare(
-        JobCreate.model_validate({**request, "messages": [{"role": "user", "content": [image(RED), QUESTION]}]}),
-        [a.resolver._decode(JobCreate.model_validate(request), "p", _part(image(RED)), _source(RED))],
+        JobCreate.model_validate(first.request), [decode_image(png_bytes(RED, (64, 48)), max_pixels=10**7)]
     )
     assert torch.equal(prepared.inputs["pixel_values"], fresh.inputs["pixel_values"])
+    assert torch.equal(prepared.inputs["input_ids"], fresh.inputs["input_ids"])
     generated = a.engine.generate(prepared)
     assert a.engine.vision_items == 1
     assert generated.token_ids == reference(tiny, fresh)
-
-
-def _part(content: dict):
-    from pydantic import TypeAdapter
-
-    from shared.schemas import ContentPart
-
-    return TypeAdapter(ContentPart).validate_python(content)
-
-
-def _source(color):
-    from worker.resolver import Source
-
-    return Source("image", png_bytes(color))
 
 
 def test_another_worker_resolves_the_uuid_from_the_shared_tier(pool, redis_client):
