@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api_gateway import deliveries, health, jobs, openai_compat
+from api_gateway import deliveries, health, jobs, media, metrics, openai_compat
 from api_gateway.auth import KeyRing
 from api_gateway.config import GatewaySettings
 from api_gateway.deps import GatewayState
@@ -20,6 +20,7 @@ from api_gateway.events import JobEvents
 from api_gateway.submit import Submitter
 from shared.deliveries import AsyncDeliveryStore
 from shared.errors import InternalError, RateLimitError, TransientError, VlmqError
+from shared.media_cache import AsyncMediaCache
 from shared.store import AsyncJobStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             announcer=deliveries.GatewayAnnouncer(
                 AsyncDeliveryStore(redis, settings.result_ttl, settings.webhook_lease), submitter.celery
             ),
+            media=AsyncMediaCache(
+                redis, settings.media_cache_ttl, settings.media_cache_max_bytes, settings.media_cache_max_item_bytes
+            ),
         )
         try:
             yield
@@ -65,6 +69,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(deliveries.router)
     app.include_router(openai_compat.router)
     app.include_router(health.router)
+    app.include_router(media.router)
+    app.include_router(metrics.router)
     _install_error_handlers(app)
     return app
 

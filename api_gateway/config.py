@@ -17,4 +17,7 @@ class GatewaySettings(SharedSettings):
     # Seconds a job may wait in the queue when it sets no ttl_seconds; 0 = forever.
     default_job_ttl: int = Field(default=0, ge=0)
 
+    # How long `POST /v1/media` with a URL waits for a worker to fetch and store it.
+    media_fetch_wait: float = Field(default=30.0, gt=0)
+
     _split_keys = field_validator("api_keys", mode="before")(split_commas)

@@ -11,6 +11,7 @@ from api_gateway.auth import KeyRing
 from api_gateway.config import GatewaySettings
 from api_gateway.events import JobEvents
 from api_gateway.submit import Submitter
+from shared.media_cache import AsyncMediaCache
 from shared.store import AsyncJobStore
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class GatewayState:
     keyring: KeyRing
     submitter: Submitter
     announcer: GatewayAnnouncer
+    media: AsyncMediaCache
 
 
 def get_state(request: Request) -> GatewayState:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from api_gateway.config import GatewaySettings
-from shared import keys
+from shared import keys, metrics
 from shared.catalog import BUNDLED_MODELS, queue_name
 from shared.errors import ConflictError, InvalidRequestError, NotFoundError, TransientError, UnsupportedModelError
 from shared.media_policy import check_request_media
@@ -144,6 +144,7 @@ class Submitter:
             if key_digest is not None:
                 await self._store.release_idempotency_key(tenant, key_digest)
             raise TransientError("The job queue is unavailable; try again shortly.") from None
+        await metrics.add_async(self._redis, {metrics.field("jobs_submitted", model=request.model): 1})
         return record, False
 
     async def _replay(self, tenant: str, earlier: str, body_digest: str) -> JobRecord:

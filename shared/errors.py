@@ -16,7 +16,8 @@ in a failed job's `error` field.
     │   ├── RateLimitError         429 rate_limit_error        carries retry_after
     │   ├── UnsupportedModelError  404 model_not_found
     │   └── MediaError             400 invalid_media           the media part is named by `param`
-    │       └── MediaNotAllowedError   400 media_not_allowed   refused source (allow-list, SSRF guard)
+    │       ├── MediaNotAllowedError   400 media_not_allowed   refused source (allow-list, SSRF guard)
+    │       └── MediaCacheMissError    400 media_cache_miss    a uuid this tenant has no media for
     ├── TransientError             503 service_unavailable     retried with backoff
     │   └── MediaFetchTransientError   503 media_unavailable   timeouts, resets, 5xx from the origin
     └── InternalError              500 server_error            a bug: logged with its traceback
@@ -119,6 +120,14 @@ class MediaError(ClientError):
 
 class MediaNotAllowedError(MediaError):
     type = "media_not_allowed"
+
+
+class MediaCacheMissError(MediaError):
+    """A part gave only a uuid, and the tenant's cache has nothing under it: never
+    stored, expired, evicted, or another tenant's (indistinguishable on purpose)."""
+
+    type = "media_cache_miss"
+    default_code = "media_cache_miss"
 
 
 class TransientError(VlmqError):

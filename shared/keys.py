@@ -77,3 +77,36 @@ def worker(name: str) -> str:
 
 
 WORKERS_PATTERN = f"{PREFIX}:worker:*"
+
+
+# --- the media cache (shared tier) ---------------------------------------------
+
+
+def media(tenant: str, uuid_digest: str) -> str:
+    """Hash: one tenant's media item named by its uuid (sha256 of the uuid, so any
+    uuid makes a bounded, safe key). Fields: uuid, kind, sha256, size, format,
+    stored_at, data. TTL = VLMQ_MEDIA_CACHE_TTL, renewed on every use (sliding).
+    The tenant is part of the name, so no lookup can ever reach another tenant's entry.
+    """
+    return f"{PREFIX}:media:{tenant}:{uuid_digest}"
+
+
+# Sorted set of media keys by last use (Redis server time). No TTL: it is the
+# live LRU index that enforces VLMQ_MEDIA_CACHE_MAX_BYTES (the broker's Redis
+# runs `noeviction`); members leave when evicted, deleted, or found expired.
+MEDIA_INDEX = f"{PREFIX}:media-index"
+# Hash media key -> stored bytes, and the running total, beside the index. No
+# TTL, for the same reason; each entry's size leaves with its index member.
+MEDIA_SIZES = f"{PREFIX}:media-sizes"
+MEDIA_BYTES = f"{PREFIX}:media-bytes"
+
+
+def media_fetch_reply(request_id: str) -> str:
+    """List: a worker's answer to one `POST /v1/media` URL fetch, popped by the waiting gateway. TTL 120 s."""
+    return f"{PREFIX}:media-fetch:{request_id}"
+
+
+# Hash of monotonic counters (`name\tlabel=value…` -> count) that every
+# process adds to and `GET /metrics` reads. No TTL: a fixed, small set of
+# fields whose whole point is to outlive the processes that count them.
+METRICS = f"{PREFIX}:metrics"

@@ -19,6 +19,11 @@ DELIVER_WEBHOOK_TASK = "vlmq.deliver_webhook"
 # Webhooks have their own queue and worker process, so a slow receiver never
 # holds a GPU worker's thread and a busy GPU never delays a webhook.
 WEBHOOK_QUEUE = "vlmq.webhooks"
+# `POST /v1/media` with a URL: the gateway never fetches (it makes no outbound
+# requests at all), so every model worker also consumes this queue and fetches
+# through its SSRF-guarded fetcher, like any job's media.
+FETCH_MEDIA_TASK = "vlmq.fetch_media"
+MEDIA_QUEUE = "vlmq.media"
 # Job priorities 0-9 (9 most urgent) map onto the Redis transport's ten
 # lists per queue, where 0 is taken first.
 PRIORITY_STEPS = list(range(10))

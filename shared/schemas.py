@@ -92,7 +92,10 @@ class InputAudio(_Strict):
 
 
 class _MediaPart(_Strict):
-    """A part that carries media: its payload lives in the field named like its type."""
+    """A part that carries media: its payload lives in the field named like its type.
+
+    The payload may be null (or, as stored jobs are written without nulls,
+    absent) when a uuid names media the service already holds."""
 
     modality: ClassVar[str]
     uuid: str | None = Field(default=None, min_length=1, max_length=256)
@@ -122,25 +125,25 @@ class _MediaPart(_Strict):
 class ImagePart(_MediaPart):
     modality: ClassVar[str] = "image"
     type: Literal["image_url"]
-    image_url: ImageURL | None
+    image_url: ImageURL | None = None
 
 
 class VideoPart(_MediaPart):
     modality: ClassVar[str] = "video"
     type: Literal["video_url"]
-    video_url: MediaURL | None
+    video_url: MediaURL | None = None
 
 
 class AudioURLPart(_MediaPart):
     modality: ClassVar[str] = "audio"
     type: Literal["audio_url"]
-    audio_url: MediaURL | None
+    audio_url: MediaURL | None = None
 
 
 class InputAudioPart(_MediaPart):
     modality: ClassVar[str] = "audio"
     type: Literal["input_audio"]
-    input_audio: InputAudio | None
+    input_audio: InputAudio | None = None
 
     @property
     def url_param(self) -> str:
@@ -154,7 +157,7 @@ class ImageEmbedsPart(_MediaPart):
 
     modality: ClassVar[str] = "image"
     type: Literal["image_embeds"]
-    image_embeds: str | dict[str, str] | None
+    image_embeds: str | dict[str, str] | None = None
 
     @property
     def url_param(self) -> str:
@@ -385,6 +388,26 @@ class Timings(BaseModel):
     batch_id: str | None = None
 
 
+class CacheItem(BaseModel):
+    """What the media cache did for one media item of a job."""
+
+    param: str  # the part, as error `param`s name it: messages[0].content[1]
+    modality: str
+    uuid: str | None = None
+    # Shared tier (all workers, by uuid): `hit` (media null resolved by its uuid), `stored` (sent
+    # with a uuid and written), `refreshed` (the same media was there: TTL renewed), `skipped`
+    # (too large to cache); null without a uuid.
+    shared: Literal["hit", "stored", "refreshed", "skipped"] | None = None
+    # Worker tier (the process that ran the job, by content): `hit` skipped fetch/decode and
+    # preprocessing and, for the Qwen2-VL engine, finds the vision encoder output under the same
+    # key; null where the model has no worker tier (embeddings, audio, non-Qwen2-VL processors).
+    worker: Literal["hit", "miss"] | None = None
+
+
+class MediaCacheReport(BaseModel):
+    items: list[CacheItem] = Field(default_factory=list)
+
+
 class JobProgress(BaseModel):
     """How far an unfinished job has come; null where it does not apply."""
 
@@ -409,6 +432,7 @@ class JobPublic(BaseModel):
     expires_at: int | None = None  # a queued job not started by then ends `expired`
     webhook: WebhookSpec | None = None
     progress: JobProgress = Field(default_factory=JobProgress)
+    cache: MediaCacheReport | None = None  # per media item: which cache tiers hit
 
 
 class JobList(BaseModel):

@@ -95,6 +95,14 @@ class SharedSettings(BaseSettings):
     webhook_secrets: CommaList = []
     webhook_timeout: float = Field(default=10.0, gt=0)
 
+    # --- the media cache's shared tier (shared.media_cache), in the broker's Redis ---
+    # Seconds an entry lives after its last use (every hit renews it).
+    media_cache_ttl: int = Field(default=24 * 3600, ge=1)
+    # Bytes all tenants' entries may hold together; least recently used go first.
+    media_cache_max_bytes: int = Field(default=1024**3, ge=0)
+    # Larger items are used but not cached (a later uuid-only reference misses).
+    media_cache_max_item_bytes: int = Field(default=32 * 1024**2, ge=1)
+
     _split = field_validator("allowed_media_domains", "s3_allowed_buckets", "webhook_secrets", mode="before")(
         split_commas
     )

@@ -28,6 +28,7 @@ from shared.schemas import (
     JobProgress,
     JobPublic,
     JobStatus,
+    MediaCacheReport,
     Timings,
     WebhookSpec,
 )
@@ -55,6 +56,12 @@ if qkey then
   else
     redis.call('ZREM', qkey, id)
   end
+end
+if cur ~= ARGV[2] and ARGV[2] ~= 'queued' and ARGV[2] ~= 'running' then
+  -- shared.metrics' field format. A job enters a terminal status once (a cancelled job's
+  -- later cancelled -> cancelled write only adds fields), so it counts once.
+  local model = redis.call('HGET', KEYS[1], 'model') or ''
+  redis.call('HINCRBY', KEYS[3], 'jobs_finished\tmodel=' .. model .. '\tstatus=' .. ARGV[2], 1)
 end
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
@@ -84,7 +91,7 @@ def queue_score(priority: int, enqueued_at: float) -> float:
     return (PRIORITY_MAX - priority) * 1e10 + enqueued_at
 
 
-_JSON_FIELDS = ("request", "metadata", "result", "error", "timings")
+_JSON_FIELDS = ("request", "metadata", "result", "error", "timings", "cache")
 _FLOAT_FIELDS = ("started_at", "completed_at", "expires_at")
 
 
@@ -113,6 +120,7 @@ class JobRecord:
     # The worker that last moved it to running: tells a dead worker's job from a live one's.
     worker: str | None = None
     tokens_generated: int | None = None
+    cache: dict[str, Any] | None = None
 
     @property
     def priority(self) -> int:
@@ -173,6 +181,7 @@ class JobRecord:
             expires_at=opt_float("expires_at"),
             worker=raw.get("worker") or None,
             tokens_generated=int(raw["tokens_generated"]) if raw.get("tokens_generated") else None,
+            cache=opt_json("cache"),
         )
 
     def to_public(self, queue_position: int | None = None) -> JobPublic:
@@ -195,6 +204,7 @@ class JobRecord:
                 queue_position=queue_position if self.status is JobStatus.queued else None,
                 tokens_generated=self.tokens_generated,
             ),
+            cache=MediaCacheReport.model_validate(self.cache) if self.cache else None,
         )
 
 
@@ -258,7 +268,9 @@ class JobStore:
         count_attempt: bool = False,
     ) -> Transition:
         args = _transition_args(allowed, to, self.result_ttl, fields or {}, count_attempt)
-        return _transition_result(self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args))
+        return _transition_result(
+            self._transition(keys=[keys.job(job_id), keys.job_events(job_id), keys.METRICS], args=args)
+        )
 
 
 class AsyncJobStore:
@@ -317,7 +329,9 @@ class AsyncJobStore:
         fields: Mapping[str, Any] | None = None,
     ) -> Transition:
         args = _transition_args(allowed, to, self.result_ttl, fields or {}, False)
-        return _transition_result(await self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args))
+        return _transition_result(
+            await self._transition(keys=[keys.job(job_id), keys.job_events(job_id), keys.METRICS], args=args)
+        )
 
     async def list(self, tenant: str, limit: int, before: float | None = None) -> tuple[list[JobRecord], bool]:
         """A tenant's jobs, newest first, created strictly before `before`; and whether more remain."""

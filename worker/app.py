@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from shared.queues import RUN_JOB_TASK, make_celery
+from shared.queues import FETCH_MEDIA_TASK, MEDIA_QUEUE, RUN_JOB_TASK, make_celery
 from shared.store import JobStore
 from worker.config import WorkerSettings
 from worker.jobs import JobRunner, RetryLater
@@ -30,16 +30,20 @@ class WorkerResources:
     engine: Any
     heartbeat: Any
     cancels: Any
+    media_cache: Any  # shared.media_cache.MediaCache: the shared tier, on its own binary client
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerResources:
         import redis as redis_lib
 
+        from shared.media_cache import MediaCache
         from worker.cancel import CancelWatcher
         from worker.engine.loader import load_model
         from worker.engine.prepare import Preparer
         from worker.heartbeat import Heartbeat
         from worker.media.fetch import MediaFetcher
+        from worker.media_cache import ItemCache
+        from worker.resolver import MediaResolver
         from worker.webhooks import Announcer
 
         spec = settings.served_model
@@ -48,11 +52,20 @@ class WorkerResources:
         redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
         cancels = CancelWatcher(redis).start()
         fetcher = MediaFetcher.from_settings(settings)
+        # Media bytes are binary: the shared tier gets a client that does not decode replies.
+        media_cache = MediaCache(
+            redis_lib.Redis.from_url(settings.redis_url),
+            ttl=settings.media_cache_ttl,
+            max_bytes=settings.media_cache_max_bytes,
+            max_item_bytes=settings.media_cache_max_item_bytes,
+        )
+        preparer = Preparer(model, settings.default_max_tokens, items=ItemCache(settings.media_worker_cache_bytes))
         runner = JobRunner(
             settings=settings,
             store=JobStore(redis, settings.result_ttl),
             fetcher=fetcher,
-            preparer=Preparer(model, settings.default_max_tokens),
+            preparer=preparer,
+            resolver=MediaResolver(settings, fetcher, preparer, shared=media_cache, items=preparer.items),
             engine=engine,
             model_name=spec.name,
             watch_cancel=cancels.watch,
@@ -60,13 +73,22 @@ class WorkerResources:
         )
         info = {"device": str(model.device), "modalities": {spec.name: list(model.modalities)}}
         heartbeat = Heartbeat(redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, info).start()
-        return cls(settings=settings, redis=redis, runner=runner, engine=engine, heartbeat=heartbeat, cancels=cancels)
+        return cls(
+            settings=settings,
+            redis=redis,
+            runner=runner,
+            engine=engine,
+            heartbeat=heartbeat,
+            cancels=cancels,
+            media_cache=media_cache,
+        )
 
     def stop(self) -> None:
         self.heartbeat.stop()
         self.cancels.stop()
         self.engine.stop()
         self.runner.fetcher.close()
+        self.media_cache.redis.close()
         self.redis.close()
 
 
@@ -99,6 +121,13 @@ def create_celery_app(resources: WorkerResources) -> Any:
         except RetryLater as retry:
             raise self.retry(countdown=retry.defer) from None
 
+    @app.task(name=FETCH_MEDIA_TASK)
+    def fetch_media(request_id: str, tenant: str, url: str, uuid: str, kind: str | None = None) -> None:
+        from worker.uploads import answer_fetch
+
+        runner = resources.runner
+        answer_fetch(runner.settings, runner.fetcher, resources.media_cache, request_id, tenant, url, uuid, kind)
+
     return app
 
 
@@ -116,7 +145,7 @@ def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO"
                 "worker",
                 "--pool=threads",
                 f"--concurrency={settings.task_threads}",
-                f"--queues={spec.queue}",
+                f"--queues={spec.queue},{MEDIA_QUEUE}",
                 f"--hostname={spec.name}@{settings.worker_name}",
                 f"--loglevel={loglevel}",
                 "--without-gossip",

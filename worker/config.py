@@ -50,6 +50,9 @@ class WorkerSettings(SharedSettings):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     # Vision-encoder outputs kept per engine, by media key (uuid or content hash), in bytes.
     encoder_cache_bytes: int = Field(default=1024**3, ge=0)
+    # Preprocessed media tensors kept per worker process by content key (the
+    # media cache's worker tier): a hit skips fetch, decode and preprocessing.
+    media_worker_cache_bytes: int = Field(default=1024**3, ge=0)
     cuda_graphs: bool = True
     default_max_tokens: int = Field(default=256, ge=1)
     max_attempts: int = Field(default=3, ge=1)

@@ -16,20 +16,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import keys
+from shared import keys, metrics
 from shared.errors import ClientError, InternalError, JobExpiredError, TransientError, VlmqError, error_body
-from shared.media_policy import MediaPolicy, check_media_url, check_request_media
+from shared.media_policy import check_request_media
 from shared.schemas import (
     EVENT_FOR_STATUS,
-    AudioURLPart,
     ChatCompletion,
     ImageEmbedsPart,
-    ImagePart,
-    InputAudioPart,
     JobCreate,
     JobStatus,
-    MediaPart,
-    VideoPart,
     WebhookEvent,
     parse_job_request,
 )
@@ -37,11 +32,8 @@ from shared.store import JobRecord, JobStore
 from worker.config import WorkerSettings
 from worker.engine.prepare import Preparer
 from worker.engine.request import Generation, PreparedRequest
-from worker.media.audio import decode_audio
-from worker.media.embeds import decode_image_embeds
 from worker.media.fetch import MediaFetcher
-from worker.media.image import decode_image
-from worker.media.video import decode_frame_list, decode_video
+from worker.resolver import MediaResolver, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +72,16 @@ class JobRunner:
     # Sets the returned event when the job is cancelled (worker.cancel.CancelWatcher.watch).
     watch_cancel: Callable[[str], contextlib.AbstractContextManager[threading.Event]] = _unwatched
     announce: Announce = field(default=_no_announce)
+    # Resolves media parts through the cache tiers; by default one without caches.
+    resolver: MediaResolver | None = None
     # Jobs this process is running now: a redelivery of one of them is a twin, not a dead worker's.
     _running: set[str] = field(default_factory=set, init=False)
+    _counted: tuple[int, int] = field(default=(0, 0), init=False)
+    _counted_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        if self.resolver is None:
+            self.resolver = MediaResolver(self.settings, self.fetcher, self.preparer)
 
     def run(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -185,18 +185,26 @@ class JobRunner:
     def _execute(self, record: JobRecord, started: float, cancelled: threading.Event) -> None:
         request = parse_job_request(record.request)
         media_started = time.perf_counter()
-        media = self._resolve_media(request)
-        prepared = self.preparer.prepare(request, media, request_id=record.id)
+        resolved = self._resolve_media(record.tenant, request)
+        prepared = self.preparer.prepare(request, resolved.media, request_id=record.id, keys=resolved.keys)
         prepared.cancelled = cancelled
         media_ms = (time.perf_counter() - media_started) * 1000
         timings: dict[str, Any] = {
             "queued_ms": round((started - record.created_at) * 1000, 2),
             "media_ms": round(media_ms, 2),
         }
+        cache = {"items": resolved.report} if resolved.report else {}
         if cancelled.is_set():
-            self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, {"timings": timings})
+            self.store.transition(
+                record.id, (JobStatus.cancelled,), JobStatus.cancelled, {"timings": timings, "cache": cache}
+            )
             return
         generation = self._generate(record.id, prepared)
+        self._count({})  # the encoder cache's hits and misses for this job's batch
+        if getattr(self.engine, "encoder_cache", None) is not None:
+            for report, key in zip(resolved.report, resolved.keys, strict=False):
+                if key is not None and report.get("modality") in ("image", "video"):
+                    report["encoder"] = "hit" if key in prepared.encoder_hits else "miss"
         result = completion(record, generation)
         timings.update(
             inference_ms=round(generation.inference_ms, 2),
@@ -207,6 +215,7 @@ class JobRunner:
             "result": result.model_dump(mode="json"),
             "timings": timings,
             "tokens_generated": generation.completion_tokens,
+            "cache": cache,
         }
         if generation.finish_reason != "cancelled":
             done = self.store.transition(
@@ -234,8 +243,8 @@ class JobRunner:
                     reported = prepared.progress
                     self.store.set_progress(job_id, reported)
 
-    def _resolve_media(self, request: JobCreate) -> list[Any]:
-        """Fetch and decode every media part, in order; the same checks as the gateway run first."""
+    def _resolve_media(self, tenant: str, request: JobCreate) -> Resolved:
+        """Every media part through the cache tiers, in order; the same checks as the gateway run first."""
         model = self.preparer.model
         check_request_media(request, self.settings, model.modalities)
         if any(isinstance(p, ImageEmbedsPart) for _, p in request.media_parts()) and not getattr(
@@ -244,86 +253,28 @@ class JobRunner:
             raise ClientError(
                 "This worker's engine cannot take image_embeds yet.", param="messages", code="mm_embeds_unsupported"
             )
-        return [self._resolve_part(request, param, part) for param, part in request.media_parts()]
+        resolved = Resolved()
+        assert self.resolver is not None
+        try:
+            self.resolver.resolve(tenant, request, resolved)
+        finally:
+            self._count(resolved.counts)
+        return resolved
 
-    def _resolve_part(self, request: JobCreate, param: str, part: MediaPart) -> Any:
-        if part.media is None:
-            raise ClientError(
-                "Media referenced by uuid alone needs the media cache, which this worker does not have yet.",
-                param=param,
-                code="media_cache_unavailable",
-            )
-        settings = self.settings
-        model = self.preparer.model
-        io_kwargs = request.media_io_kwargs
-        source = f"{param}.{part.url_param}"
-        if isinstance(part, ImageEmbedsPart):
-            if model.embeds_hidden_size is None:
-                raise ClientError(
-                    f"The model '{model.name}' does not take image_embeds.", param=param, code="unsupported_modality"
-                )
-            value = part.image_embeds
-            named = {"image_embeds": value} if isinstance(value, str) else dict(value or {})
-            tensors = {
-                name: self.fetcher.decode_base64(data, modality="image", param=f"{source}.{name}")
-                for name, data in named.items()
-            }
-            return decode_image_embeds(
-                tensors,
-                hidden_size=model.embeds_hidden_size,
-                merge_size=model.embeds_merge_size,
-                max_tokens=model.max_context,
-                param=param,
-            )
-        if isinstance(part, InputAudioPart):
-            assert part.input_audio is not None
-            data = self.fetcher.decode_base64(part.input_audio.data, modality="audio", param=source)
-            return self._audio(data, param, part.input_audio.format)
-
-        url = part.url
-        assert url is not None
-        check_media_url(url, MediaPolicy.from_settings(settings), source)
-        fetched = self.fetcher.fetch(url, modality=part.modality, param=source)
-        if isinstance(part, ImagePart):
-            background = (io_kwargs.image.rgba_background_color if io_kwargs else None) or settings.rgba_background
-            return decode_image(fetched.data, max_pixels=settings.max_image_pixels, background=background, param=param)
-        if isinstance(part, VideoPart):
-            num_frames = (io_kwargs.video.num_frames if io_kwargs else None) or settings.video_num_frames
-            fps = io_kwargs.video.fps if io_kwargs else None
-            if fetched.frames is not None:
-                return decode_frame_list(
-                    fetched.frames,
-                    num_frames=min(num_frames, settings.video_max_frames),
-                    max_pixels=settings.max_image_pixels,
-                    background=settings.rgba_background,
-                    param=param,
-                )
-            return decode_video(
-                fetched.data,
-                num_frames=None if fps else num_frames,
-                fps=fps,
-                max_frames=settings.video_max_frames,
-                max_duration=settings.video_max_duration,
-                max_pixels=settings.max_image_pixels,
-                timeout=settings.video_decode_timeout,
-                param=param,
-            )
-        if isinstance(part, AudioURLPart):
-            return self._audio(fetched.data, param, None)
-        raise ClientError(f"Unsupported content part {part.type}.", param=param)
-
-    def _audio(self, data: bytes, param: str, format_hint: str | None) -> Any:
-        model = self.preparer.model
-        if model.audio_sampling_rate is None:
-            raise ClientError(
-                f"The model '{model.name}' does not take audio.", param=param, code="unsupported_modality"
-            )
-        limit = self.settings.audio_max_duration
-        if model.audio_max_seconds:
-            limit = min(limit, model.audio_max_seconds)
-        return decode_audio(
-            data, sampling_rate=model.audio_sampling_rate, max_duration=limit, format_hint=format_hint, param=param
-        )
+    def _count(self, counts: dict[str, int]) -> None:
+        """Publish this job's cache counters, and the engine's encoder-cache ones since the last job."""
+        counts = dict(counts)
+        cache = getattr(self.engine, "encoder_cache", None)
+        if cache is not None:
+            with self._counted_lock:
+                hits, misses = cache.hits, cache.misses
+                counts[metrics.field("media_cache_hits", tier="encoder")] = hits - self._counted[0]
+                counts[metrics.field("media_cache_misses", tier="encoder")] = misses - self._counted[1]
+                self._counted = (hits, misses)
+        try:
+            metrics.add(self.store.redis, counts)
+        except Exception as exc:  # counters never fail a job
+            log.warning("could not publish metrics: %s", exc)
 
     def _fail(self, job_id: str, exc: BaseException) -> None:
         fields = {"error": error_body(exc), "completed_at": time.time()}

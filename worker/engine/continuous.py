@@ -418,7 +418,9 @@ class ContinuousEngine:
                     key = keys[j] if j < len(keys) else None
                     cached = self.encoder_cache.get(key) if key else None
                     found.append(cached)
-                    if cached is None:
+                    if cached is not None and key:
+                        request.encoder_hits.add(key)
+                    else:
                         todo.append((i, j, key, pixels[start : start + count], grids[j : j + 1]))
                     start += count
                 items[i] = found

@@ -56,6 +56,8 @@ class PreparedRequest:
     # the engine reuses a cached encoder output for a key instead of running the vision tower.
     # Keys are namespaced by whoever builds them (tenant, model, processor settings).
     media_keys: dict[str, list[str | None]] = field(default_factory=dict)
+    # The media keys whose encoder output the engine took from its cache (filled by the engine).
+    encoder_hits: set[str] = field(default_factory=set)
 
     def should_stop(self) -> str | None:
         if self.cancelled.is_set():
