@@ -17,4 +17,13 @@ class GatewaySettings(SharedSettings):
     # Seconds a job may wait in the queue when it sets no ttl_seconds; 0 = forever.
     default_job_ttl: int = Field(default=0, ge=0)
 
+    # Per tenant, over all gateway processes (kept in Redis): requests per second
+    # on /v1 routes, and how many may come at once; 0 turns the limit off.
+    rate_limit: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # Most unfinished (queued or running) jobs per tenant; 0 = no limit.
+    max_queued_jobs: int = Field(default=10_000, ge=0)
+    # Largest request body; inline media (data: URLs) counts, so keep it above VLMQ_MEDIA_MAX_BYTES * 4/3.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
     _split_keys = field_validator("api_keys", mode="before")(split_commas)
