@@ -81,19 +81,29 @@ class BodySizeLimit:
                 if declared > self.max_bytes:
                     await self._refuse(send)
                     return
-        seen = 0
-
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
+        # No (or a small) Content-Length: read it here, counting, and hand the app the
+        # body in one piece (the app buffers it whole anyway to parse JSON).
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    # Inside the app: its VlmqError handler answers 413.
-                    raise self._error()
-            return message
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                await self._refuse(send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
 
-        await self.app(scope, counted, send)
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return dict(await receive())
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any) -> None:
         error = self._error()

@@ -61,20 +61,40 @@ def _master_kwargs(parsed: SentinelURL) -> dict[str, Any]:
     return kwargs
 
 
-def sync_redis(settings: SharedSettings) -> Any:
+# Workers ride out a Redis restart or failover (about half a minute) instead of
+# failing the job they were finishing: a result written late is still written.
+WORKER_RETRY_SECONDS = 30.0
+
+
+def _retry(seconds: float) -> dict[str, Any]:
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+    from redis.retry import Retry
+
+    cap = 1.0
+    return {
+        "retry": Retry(ExponentialBackoff(cap=cap, base=0.05), retries=max(1, int(seconds / cap) + 4)),
+        "retry_on_error": [ConnectionError, TimeoutError],
+    }
+
+
+def sync_redis(settings: SharedSettings, retry_seconds: float = WORKER_RETRY_SECONDS) -> Any:
+    """A blocking client (worker processes); each command retries for about `retry_seconds` while Redis is away."""
     import redis
 
+    retry = _retry(retry_seconds)
     if not is_sentinel(settings.redis_url):
-        return redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        return redis.Redis.from_url(settings.redis_url, decode_responses=True, **retry)
     from redis.sentinel import Sentinel
 
     parsed = parse_sentinel_url(settings.redis_url)
     return Sentinel(parsed.sentinels, socket_timeout=5).master_for(
-        settings.redis_sentinel_master, **_master_kwargs(parsed)
+        settings.redis_sentinel_master, **_master_kwargs(parsed), **retry
     )
 
 
 def async_redis(settings: SharedSettings) -> Any:
+    """The gateway's client: no long retries, so a client hears 503 at once while Redis is away."""
     import redis.asyncio as aioredis
 
     if not is_sentinel(settings.redis_url):
