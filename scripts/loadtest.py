@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import KEYS, MODEL, free_port, spawn, stack_env, start_redis, stop, wait_ready  # noqa: E402
+from tests.conftest import KEYS, MODEL, free_port, spawn, stack_env, start_redis, stop, wait_ready
 
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "What color is the sky?"}], "max_tokens": 8}
 AUTH = {"Authorization": f"Bearer {KEYS['alice']}"}
