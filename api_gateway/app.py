@@ -17,10 +17,12 @@ from api_gateway.auth import KeyRing
 from api_gateway.config import GatewaySettings
 from api_gateway.deps import GatewayState
 from api_gateway.events import JobEvents
+from api_gateway.limits import BodySizeLimit, RateLimiter
 from api_gateway.submit import Submitter
 from shared.deliveries import AsyncDeliveryStore
 from shared.errors import InternalError, RateLimitError, TransientError, VlmqError
 from shared.media_cache import AsyncMediaCache
+from shared.redis_conn import async_redis
 from shared.store import AsyncJobStore
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import redis.asyncio as aioredis
-
-        redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        redis = async_redis(settings)
         store = AsyncJobStore(redis, settings.result_ttl)
         events = JobEvents(redis)
         await events.start()
@@ -52,6 +52,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             media=AsyncMediaCache(
                 redis, settings.media_cache_ttl, settings.media_cache_max_bytes, settings.media_cache_max_item_bytes
             ),
+            limiter=RateLimiter(redis, settings.rate_limit, settings.rate_limit_burst),
         )
         try:
             yield
@@ -65,6 +66,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(jobs.router)
     app.include_router(deliveries.router)
     app.include_router(openai_compat.router)

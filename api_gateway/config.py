@@ -19,5 +19,13 @@ class GatewaySettings(SharedSettings):
 
     # How long `POST /v1/media` with a URL waits for a worker to fetch and store it.
     media_fetch_wait: float = Field(default=30.0, gt=0)
+    # Per tenant, over all gateway processes (kept in Redis): requests per second
+    # on /v1 routes, and how many may come at once; 0 turns the limit off.
+    rate_limit: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # Most unfinished (queued or running) jobs per tenant; 0 = no limit.
+    max_queued_jobs: int = Field(default=10_000, ge=0)
+    # Largest request body; inline media (data: URLs) counts, so keep it above VLMQ_MEDIA_MAX_BYTES * 4/3.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     _split_keys = field_validator("api_keys", mode="before")(split_commas)

@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 from api_gateway.auth import KeyRing
 from api_gateway.config import GatewaySettings
 from api_gateway.events import JobEvents
+from api_gateway.limits import RateLimiter
 from api_gateway.submit import Submitter
 from shared.media_cache import AsyncMediaCache
 from shared.store import AsyncJobStore
@@ -28,6 +29,7 @@ class GatewayState:
     submitter: Submitter
     announcer: GatewayAnnouncer
     media: AsyncMediaCache
+    limiter: RateLimiter
 
 
 def get_state(request: Request) -> GatewayState:
@@ -37,8 +39,10 @@ def get_state(request: Request) -> GatewayState:
 StateDep = Annotated[GatewayState, Depends(get_state)]
 
 
-def authenticate(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    return state.keyring.tenant_for(authorization)
+async def authenticate(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    tenant = state.keyring.tenant_for(authorization)
+    await state.limiter.check(tenant)
+    return tenant
 
 
 TenantDep = Annotated[str, Depends(authenticate)]

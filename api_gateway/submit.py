@@ -13,10 +13,17 @@ import anyio
 
 from api_gateway.config import GatewaySettings
 from shared import keys, metrics
-from shared.catalog import BUNDLED_MODELS, queue_name
-from shared.errors import ConflictError, InvalidRequestError, NotFoundError, TransientError, UnsupportedModelError
+from shared.catalog import BUNDLED_MODELS
+from shared.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    TransientError,
+    UnsupportedModelError,
+)
 from shared.media_policy import check_request_media
-from shared.queues import RUN_JOB_TASK, broker_priority, make_celery
+from shared.queues import make_celery, send_job
 from shared.schemas import JobCreate
 from shared.store import AsyncJobStore, JobRecord, new_job_id
 
@@ -42,6 +49,8 @@ def _digest(text: str) -> str:
 
 
 MAX_IDEMPOTENCY_KEY = 255
+# Seconds a client over its queued-job quota is asked to wait; jobs finish in seconds to minutes.
+QUOTA_RETRY_AFTER = 5.0
 
 
 class Submitter:
@@ -117,24 +126,29 @@ class Submitter:
         ttl = request.ttl_seconds or self._default_ttl
         if ttl:
             record.expires_at = record.created_at + ttl
-        # The record is written before the key is claimed, so a concurrent request
-        # with the same key always finds the job the key names.
-        await self._store.create(record)
-        key_digest = None
+        key_digest = body_digest = None
         if idempotency_key is not None:
             key_digest = _digest(idempotency_key)
             body_digest = _digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
+            # A replay answers with its job even when the tenant is at its quota.
+            earlier = await self._store.idempotency_key(tenant, key_digest)
+            if earlier is not None:
+                return await self._replay(tenant, earlier, body_digest), True
+        # The record is written before the key is claimed, so a concurrent request
+        # with the same key always finds the job the key names.
+        if not await self._store.create(record, self._settings.max_queued_jobs):
+            raise RateLimitError(
+                f"Your tenant has {self._settings.max_queued_jobs} unfinished jobs, the most allowed "
+                "(VLMQ_MAX_QUEUED_JOBS); submit more as they finish.",
+                retry_after=QUOTA_RETRY_AFTER,
+                code="too_many_queued_jobs",
+            )
+        if key_digest is not None and body_digest is not None:
             earlier = await self._store.claim_idempotency_key(tenant, key_digest, f"{body_digest} {record.id}")
             if earlier is not None:
                 await self._store.delete(record)
                 return await self._replay(tenant, earlier, body_digest), True
-        publish = functools.partial(
-            self.celery.send_task,
-            RUN_JOB_TASK,
-            args=[record.id],
-            queue=queue_name(request.model),
-            priority=broker_priority(request.priority),
-        )
+        publish = functools.partial(send_job, self.celery, record.id, request.model, request.priority)
         try:
             await anyio.to_thread.run_sync(publish)
         except Exception as exc:

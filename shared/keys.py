@@ -71,6 +71,28 @@ def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:jobs"
 
 
+def tenant_active(tenant: str) -> str:
+    """Sorted set of a tenant's unfinished (queued or running) job ids by creation time: its quota.
+
+    Members leave on the transition to a terminal status (the job store's
+    script does it); TTL = VLMQ_RESULT_TTL, renewed on every insert, and
+    members older than that are trimmed on insert, so a job whose record
+    expired unfinished stops counting.
+    """
+    return f"{PREFIX}:tenant:{tenant}:active"
+
+
+def rate_limit(tenant: str) -> str:
+    """String: the tenant's request-rate bucket (api_gateway.limits). TTL = until the bucket is full again."""
+    return f"{PREFIX}:rate:{tenant}"
+
+
+# Sorted set of the ids of jobs marked running, by when they started: what the
+# reaper walks to find jobs whose worker died. No TTL: members leave on the
+# transition out of `running`, and the reaper drops ids whose record is gone.
+RUNNING = f"{PREFIX}:running"
+
+
 def worker(name: str) -> str:
     """String: one live worker's heartbeat (models it serves). TTL = heartbeat TTL."""
     return f"{PREFIX}:worker:{name}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.catalog import queue_name
+from shared.redis_conn import is_sentinel
 from shared.schemas import PRIORITY_MAX
 from shared.settings import SharedSettings
 
@@ -33,11 +35,18 @@ def broker_priority(priority: int) -> int:
     return PRIORITY_MAX - priority
 
 
+def send_job(celery: Any, job_id: str, model: str, priority: int) -> None:
+    """Publish the task that runs a job, on its model's queue at its priority."""
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_name(model), priority=broker_priority(priority))
+
+
 def celery_config(settings: SharedSettings) -> dict[str, Any]:
+    sentinel = {"master_name": settings.redis_sentinel_master} if is_sentinel(settings.redis_url) else {}
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
+            **sentinel,
             "visibility_timeout": settings.visibility_timeout,
             # Workers take the most urgent list first (with prefetch 1, below,
             # so a worker does not hold a low-priority job while an urgent one waits).

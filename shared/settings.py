@@ -60,6 +60,8 @@ class SharedSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VLMQ_", extra="ignore", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Sentinel group to ask for the master when VLMQ_REDIS_URL is `sentinel://…` (shared.redis_conn).
+    redis_sentinel_master: str = "mymaster"
     # Comma-separated model entries: a bundled name, a local directory,
     # `s3://bucket/prefix`, or `name=source` to choose the public name.
     model: str = DEFAULT_MODELS

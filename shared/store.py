@@ -33,6 +33,10 @@ from shared.schemas import (
     WebhookSpec,
 )
 
+# KEYS: job, its events channel, the running index. ARGV: allowed statuses,
+# new status, ttl, count attempt (1/0), now, expected worker ('' = any), then
+# field/value pairs. The expected worker makes "take a dead worker's job back"
+# a compare-and-set: of two processes that both saw it, one wins.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, '', {}} end
@@ -41,13 +45,14 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then allowed = true end
 end
 if not allowed then return {0, cur, {}} end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[6] then return {0, cur, {}} end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+local id = redis.call('HGET', KEYS[1], 'id')
 local qkey = redis.call('HGET', KEYS[1], 'qkey')
 if qkey then
-  local id = redis.call('HGET', KEYS[1], 'id')
   if ARGV[2] == 'queued' then
     -- queue_score() below, in Lua: back in line by priority, behind those already waiting.
     local priority = tonumber(redis.call('HGET', KEYS[1], 'priority') or '5')
@@ -57,14 +62,44 @@ if qkey then
     redis.call('ZREM', qkey, id)
   end
 end
-if cur ~= ARGV[2] and ARGV[2] ~= 'queued' and ARGV[2] ~= 'running' then
-  -- shared.metrics' field format. A job enters a terminal status once (a cancelled job's
-  -- later cancelled -> cancelled write only adds fields), so it counts once.
-  local model = redis.call('HGET', KEYS[1], 'model') or ''
-  redis.call('HINCRBY', KEYS[3], 'jobs_finished\tmodel=' .. model .. '\tstatus=' .. ARGV[2], 1)
+if ARGV[2] == 'running' then
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[5]), id)
+else
+  redis.call('ZREM', KEYS[3], id)
+end
+if ARGV[2] ~= 'queued' and ARGV[2] ~= 'running' then
+  local akey = redis.call('HGET', KEYS[1], 'akey')
+  if akey then redis.call('ZREM', akey, id) end
+  if cur ~= ARGV[2] then
+    -- shared.metrics' field format. A job enters a terminal status once (a cancelled job's
+    -- later cancelled -> cancelled write only adds fields), so it counts once.
+    local model = redis.call('HGET', KEYS[1], 'model') or ''
+    redis.call('HINCRBY', KEYS[4], 'jobs_finished\tmodel=' .. model .. '\tstatus=' .. ARGV[2], 1)
+  end
 end
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
+"""
+
+# KEYS: job, tenant index, queue-position index, tenant's active jobs.
+# ARGV: ttl, created_at, queue score, most active jobs (0 = no limit), id, then the hash's field/value pairs.
+# The quota check and the write are one step, so parallel submits cannot overshoot it.
+_CREATE = """
+local ttl = tonumber(ARGV[1])
+local created = tonumber(ARGV[2])
+local limit = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', created - ttl)
+if limit > 0 and redis.call('ZCARD', KEYS[4]) >= limit then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], created, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', created - ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[5])
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('ZADD', KEYS[4], created, ARGV[5])
+redis.call('EXPIRE', KEYS[4], ttl)
+return 1
 """
 
 # Only while a job is running, and only if it still exists: a late progress
@@ -141,6 +176,7 @@ class JobRecord:
             "attempts": str(self.attempts),
             "priority": str(self.priority),
             "qkey": keys.queued(queue_name(self.model)),
+            "akey": keys.tenant_active(self.tenant),
         }
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
@@ -222,9 +258,21 @@ class Transition:
 
 
 def _transition_args(
-    allowed: Iterable[JobStatus], to: JobStatus, ttl: int, fields: Mapping[str, Any], count_attempt: bool
+    allowed: Iterable[JobStatus],
+    to: JobStatus,
+    ttl: int,
+    fields: Mapping[str, Any],
+    count_attempt: bool,
+    expect_worker: str | None = None,
 ) -> list[str]:
-    args = [",".join(s.value for s in allowed), to.value, str(ttl), "1" if count_attempt else "0", repr(time.time())]
+    args = [
+        ",".join(s.value for s in allowed),
+        to.value,
+        str(ttl),
+        "1" if count_attempt else "0",
+        repr(time.time()),
+        expect_worker or "",
+    ]
     for name, value in fields.items():
         args.append(name)
         if name in _JSON_FIELDS:
@@ -232,6 +280,10 @@ def _transition_args(
         else:
             args.append(repr(value) if isinstance(value, float) else str(value))
     return args
+
+
+def _transition_keys(job_id: str) -> list[str]:
+    return [keys.job(job_id), keys.job_events(job_id), keys.RUNNING, keys.METRICS]
 
 
 def _transition_result(reply: list[Any]) -> Transition:
@@ -266,11 +318,15 @@ class JobStore:
         fields: Mapping[str, Any] | None = None,
         *,
         count_attempt: bool = False,
+        expect_worker: str | None = None,
     ) -> Transition:
-        args = _transition_args(allowed, to, self.result_ttl, fields or {}, count_attempt)
-        return _transition_result(
-            self._transition(keys=[keys.job(job_id), keys.job_events(job_id), keys.METRICS], args=args)
-        )
+        """Move the job if its status is one of `allowed` (and, given `expect_worker`, that worker holds it)."""
+        args = _transition_args(allowed, to, self.result_ttl, fields or {}, count_attempt, expect_worker)
+        return _transition_result(self._transition(keys=_transition_keys(job_id), args=args))
+
+    def running(self) -> list[str]:
+        """Ids of the jobs marked running now, on any worker."""
+        return list(self.redis.zrange(keys.RUNNING, 0, -1))
 
 
 class AsyncJobStore:
@@ -280,26 +336,41 @@ class AsyncJobStore:
         self.redis = redis
         self.result_ttl = result_ttl
         self._transition = redis.register_script(_TRANSITION)
+        self._create = redis.register_script(_CREATE)
         self._claim = redis.register_script(_CLAIM)
 
-    async def create(self, record: JobRecord) -> None:
-        index = keys.tenant_jobs(record.tenant)
-        queued = keys.queued(queue_name(record.model))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job(record.id), mapping=record.to_hash())
-            pipe.expire(keys.job(record.id), self.result_ttl)
-            pipe.zadd(index, {record.id: record.created_at})
-            pipe.zremrangebyscore(index, "-inf", record.created_at - self.result_ttl)
-            pipe.expire(index, self.result_ttl)
-            pipe.zadd(queued, {record.id: queue_score(record.priority, record.created_at)})
-            pipe.expire(queued, self.result_ttl)
-            await pipe.execute()
+    async def create(self, record: JobRecord, max_active: int = 0) -> bool:
+        """Write a new job; False (nothing written) when its tenant already has `max_active` unfinished jobs."""
+        args: list[Any] = [
+            self.result_ttl,
+            repr(record.created_at),
+            repr(queue_score(record.priority, record.created_at)),
+            max_active,
+            record.id,
+        ]
+        for name, value in record.to_hash().items():
+            args += [name, value]
+        created = await self._create(
+            keys=[
+                keys.job(record.id),
+                keys.tenant_jobs(record.tenant),
+                keys.queued(queue_name(record.model)),
+                keys.tenant_active(record.tenant),
+            ],
+            args=args,
+        )
+        return bool(created)
+
+    async def active_jobs(self, tenant: str) -> int:
+        """The tenant's jobs not finished yet (queued or running)."""
+        return int(await self.redis.zcard(keys.tenant_active(tenant)))
 
     async def delete(self, record: JobRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.job(record.id))
             pipe.zrem(keys.tenant_jobs(record.tenant), record.id)
             pipe.zrem(keys.queued(queue_name(record.model)), record.id)
+            pipe.zrem(keys.tenant_active(record.tenant), record.id)
             await pipe.execute()
 
     async def queue_position(self, record: JobRecord) -> int | None:
@@ -313,6 +384,10 @@ class AsyncJobStore:
         """Store `value` for the key unless one is there; return the one already there."""
         found = await self._claim(keys=[keys.idempotency(tenant, key_digest)], args=[value, str(self.result_ttl)])
         return found or None
+
+    async def idempotency_key(self, tenant: str, key_digest: str) -> str | None:
+        found = await self.redis.get(keys.idempotency(tenant, key_digest))
+        return str(found) if found else None
 
     async def release_idempotency_key(self, tenant: str, key_digest: str) -> None:
         await self.redis.delete(keys.idempotency(tenant, key_digest))
@@ -329,9 +404,7 @@ class AsyncJobStore:
         fields: Mapping[str, Any] | None = None,
     ) -> Transition:
         args = _transition_args(allowed, to, self.result_ttl, fields or {}, False)
-        return _transition_result(
-            await self._transition(keys=[keys.job(job_id), keys.job_events(job_id), keys.METRICS], args=args)
-        )
+        return _transition_result(await self._transition(keys=_transition_keys(job_id), args=args))
 
     async def list(self, tenant: str, limit: int, before: float | None = None) -> tuple[list[JobRecord], bool]:
         """A tenant's jobs, newest first, created strictly before `before`; and whether more remain."""

@@ -113,7 +113,7 @@ def serve(receiver: Receiver) -> Iterator[Receiver]:
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", receiver.port), Handler)
     httpd.daemon_threads = True
     receiver.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -14,7 +14,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from shared.queues import FETCH_MEDIA_TASK, MEDIA_QUEUE, RUN_JOB_TASK, make_celery
+from shared import keys
+from shared.queues import FETCH_MEDIA_TASK, MEDIA_QUEUE, RUN_JOB_TASK, make_celery, send_job
+from shared.redis_conn import sync_redis
 from shared.store import JobStore
 from worker.config import WorkerSettings
 from worker.jobs import JobRunner, RetryLater
@@ -31,11 +33,10 @@ class WorkerResources:
     heartbeat: Any
     cancels: Any
     media_cache: Any  # shared.media_cache.MediaCache: the shared tier, on its own binary client
+    reaper: Any = None
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> WorkerResources:
-        import redis as redis_lib
-
         from shared.media_cache import MediaCache
         from worker.cancel import CancelWatcher
         from worker.engine.loader import load_model
@@ -48,13 +49,14 @@ class WorkerResources:
 
         spec = settings.served_model
         model = load_model(spec, cache_dir=settings.model_cache_dir, device=settings.device, dtype=settings.dtype)
+        redis = sync_redis(settings)
+        check_visibility_timeout(redis, settings.visibility_timeout)
         engine = build_engine(model, settings).start()
-        redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
         cancels = CancelWatcher(redis).start()
         fetcher = MediaFetcher.from_settings(settings)
         # Media bytes are binary: the shared tier gets a client that does not decode replies.
         media_cache = MediaCache(
-            redis_lib.Redis.from_url(settings.redis_url),
+            sync_redis(settings, decode_responses=False),
             ttl=settings.media_cache_ttl,
             max_bytes=settings.media_cache_max_bytes,
             max_item_bytes=settings.media_cache_max_item_bytes,
@@ -71,7 +73,11 @@ class WorkerResources:
             watch_cancel=cancels.watch,
             announce=Announcer(settings, redis),
         )
-        info = {"device": str(model.device), "modalities": {spec.name: list(model.modalities)}}
+        info = {
+            "device": str(model.device),
+            "modalities": {spec.name: list(model.modalities)},
+            "visibility_timeout": settings.visibility_timeout,
+        }
         heartbeat = Heartbeat(redis, settings.worker_name, [spec.name], settings.heartbeat_seconds, info).start()
         return cls(
             settings=settings,
@@ -83,13 +89,49 @@ class WorkerResources:
             media_cache=media_cache,
         )
 
+    def start_reaper(self, celery: Any) -> None:
+        from worker.reaper import Reaper
+
+        self.reaper = Reaper(
+            self.runner.store,
+            lambda record: send_job(celery, record.id, record.model, record.priority),
+            self.runner.announce,
+            max_attempts=self.settings.max_attempts,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+        ).start()
+
     def stop(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
         self.heartbeat.stop()
         self.cancels.stop()
         self.engine.stop()
         self.runner.fetcher.close()
         self.media_cache.redis.close()
         self.redis.close()
+
+
+class VisibilityTimeoutMismatch(SystemExit):
+    pass
+
+
+def check_visibility_timeout(redis: Any, mine: int) -> None:
+    """Refuse to join a pool whose live workers use another VLMQ_VISIBILITY_TIMEOUT.
+
+    Every consumer restores unacked messages older than *its* timeout, so one
+    worker with a shorter value would hand the long jobs of all the others
+    to a second worker while they still run.
+    """
+    import json
+
+    names = list(redis.scan_iter(match=keys.WORKERS_PATTERN, count=100))
+    beats = [json.loads(raw) for raw in (redis.mget(names) if names else []) if raw]
+    other = {beat.get("visibility_timeout") for beat in beats} - {None, mine}
+    if other:
+        raise VisibilityTimeoutMismatch(
+            f"VLMQ_VISIBILITY_TIMEOUT={mine}, but live workers use {sorted(other)}: it must be the same on "
+            "every worker of a Redis (stop them all to change it)."
+        )
 
 
 def build_engine(model: Any, settings: WorkerSettings) -> Any:
@@ -139,6 +181,8 @@ def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO"
     sys.setswitchinterval(0.001)
     resources = WorkerResources.start(settings)
     app = create_celery_app(resources)
+    resources.start_reaper(app)
+    _drain_on_shutdown(resources, settings.shutdown_grace)
     try:
         app.worker_main(
             [
@@ -156,3 +200,25 @@ def run_worker(settings: WorkerSettings | None = None, *, loglevel: str = "INFO"
     finally:
         resources.stop()
         log.info("worker %s (pid %d) stopped", settings.worker_name, os.getpid())
+
+
+def _drain_on_shutdown(resources: WorkerResources, grace: float) -> None:
+    """On SIGTERM Celery stops taking messages and waits for the jobs in flight; after
+    `grace` seconds the ones still running are handed back to the queue (nothing is
+    left `running` for the reaper, nothing is lost if the supervisor then kills us)."""
+    import threading
+
+    from celery import signals
+
+    def drain_later(**_: Any) -> None:
+        def drain() -> None:
+            handed = resources.runner.drain()
+            if handed:
+                log.warning("shutting down: handing back %d job(s): %s", len(handed), ", ".join(handed))
+
+        log.info("shutting down: finishing jobs in flight for up to %gs", grace)
+        timer = threading.Timer(grace, drain)
+        timer.daemon = True
+        timer.start()
+
+    signals.worker_shutting_down.connect(drain_later, weak=False)

@@ -56,6 +56,9 @@ class WorkerSettings(SharedSettings):
     cuda_graphs: bool = True
     default_max_tokens: int = Field(default=256, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    # After SIGTERM, seconds to let jobs in flight finish before handing the rest back
+    # to the queue; keep the supervisor's kill timeout (compose stop_grace_period) above it.
+    shutdown_grace: float = Field(default=60.0, ge=0)
     # --- media: fetching (worker.media.fetch) ---
     media_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)  # images, audio, embeddings
     video_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)

@@ -74,14 +74,29 @@ class JobRunner:
     announce: Announce = field(default=_no_announce)
     # Resolves media parts through the cache tiers; by default one without caches.
     resolver: MediaResolver | None = None
-    # Jobs this process is running now: a redelivery of one of them is a twin, not a dead worker's.
-    _running: set[str] = field(default_factory=set, init=False)
+    # Jobs this process is running now, with their stop events: a redelivery of one of them
+    # is a twin, not a dead worker's; `drain` stops them all to hand them back.
+    _running: dict[str, threading.Event] = field(default_factory=dict, init=False)
+    _draining: bool = field(default=False, init=False)
     _counted: tuple[int, int] = field(default=(0, 0), init=False)
     _counted_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         if self.resolver is None:
             self.resolver = MediaResolver(self.settings, self.fetcher, self.preparer)
+
+    def drain(self) -> list[str]:
+        """Shutting down: stop every job in flight at its next step and hand it back to the queue.
+
+        Each stops like a cancelled one (the engine drops it at its next decode
+        step), but goes back to `queued` without spending an attempt, and its
+        task is published again for another worker.
+        """
+        self._draining = True
+        running = list(self._running.items())
+        for _, stop in running:
+            stop.set()
+        return [job_id for job_id, _ in running]
 
     def run(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -105,16 +120,29 @@ class JobRunner:
             return
         if record.status is JobStatus.running and self._interrupted(record):
             return
+        if self._draining:
+            raise RetryLater(defer=0.5, cause=TransientError("this worker is shutting down"))
         with self.watch_cancel(job_id) as cancelled:
             fields = {"started_at": now, "worker": self.settings.worker_name, "tokens_generated": 0}
-            moved = self.store.transition(job_id, ACTIVE, JobStatus.running, fields, count_attempt=True)
+            # Only from the status seen above (and, for a dead worker's job, only from that worker):
+            # of two deliveries of one job, one takes it and the other finds it taken.
+            moved = self.store.transition(
+                job_id,
+                (record.status,),
+                JobStatus.running,
+                fields,
+                count_attempt=True,
+                expect_worker=record.worker if record.status is JobStatus.running else None,
+            )
             if not moved.applied or moved.record is None:
                 return
             self.announce(moved.record, WebhookEvent.started)
             attempt = moved.record.attempts
-            self._running.add(job_id)
+            self._running[job_id] = cancelled
             try:
                 self._execute(moved.record, now, cancelled)
+            except RetryLater:
+                raise
             except ClientError as exc:
                 self._fail(job_id, exc)
             except TransientError as exc:
@@ -131,7 +159,7 @@ class JobRunner:
                 log.exception("job %s failed with an internal error", job_id)
                 self._fail(job_id, InternalError("The worker had an error while running the job."))
             finally:
-                self._running.discard(job_id)
+                self._running.pop(job_id, None)
                 self._announce_if_cancelled(job_id)
 
     def _defer(self, seconds: float) -> float:
@@ -158,14 +186,7 @@ class JobRunner:
             )
         if record.attempts >= self.settings.max_attempts:
             log.error("job %s: its worker stopped mid-job %d times; failing it", record.id, record.attempts)
-            self._fail(
-                record.id,
-                InternalError(
-                    f"The job was interrupted {record.attempts} times: its worker stopped while running it "
-                    "(crash, out of memory or killed). It is not retried again.",
-                    code="worker_lost",
-                ),
-            )
+            self._fail(record.id, worker_lost(record.attempts))
             return True
         log.warning("job %s: its worker (%s) stopped mid-job; running it again", record.id, holder)
         return False
@@ -195,6 +216,7 @@ class JobRunner:
         }
         cache = {"items": resolved.report} if resolved.report else {}
         if cancelled.is_set():
+            self._hand_back_if_draining(record)
             self.store.transition(
                 record.id, (JobStatus.cancelled,), JobStatus.cancelled, {"timings": timings, "cache": cache}
             )
@@ -227,8 +249,21 @@ class JobRunner:
             if done.applied:
                 self.announce(done.record, WebhookEvent.completed)
                 return
+        self._hand_back_if_draining(record)
         # Cancelled while it ran: keep what was generated (the partial text) on the cancelled job.
         self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, fields)
+
+    def _hand_back_if_draining(self, record: JobRecord) -> None:
+        """Stopped by `drain`, not by a cancel: back to the queue, without spending an attempt."""
+        if not self._draining:
+            return
+        fields = {"attempts": max(0, record.attempts - 1), "tokens_generated": 0}
+        back = self.store.transition(
+            record.id, (JobStatus.running,), JobStatus.queued, fields, expect_worker=self.settings.worker_name
+        )
+        if back.applied:
+            log.warning("job %s handed back: this worker is shutting down", record.id)
+            raise RetryLater(defer=0.5, cause=TransientError("handed back by a worker shutting down"))
 
     def _generate(self, job_id: str, prepared: PreparedRequest) -> Generation:
         """Wait for the engine, writing the tokens generated so far to the record as it goes."""
@@ -281,6 +316,14 @@ class JobRunner:
         moved = self.store.transition(job_id, ACTIVE, JobStatus.failed, fields)
         if moved.applied:
             self.announce(moved.record, WebhookEvent.failed)
+
+
+def worker_lost(attempts: int) -> InternalError:
+    return InternalError(
+        f"The job was interrupted {attempts} times: its worker stopped while running it "
+        "(crash, out of memory or killed). It is not retried again.",
+        code="worker_lost",
+    )
 
 
 def completion(record: JobRecord, generation: Generation) -> ChatCompletion:

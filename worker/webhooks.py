@@ -206,10 +206,10 @@ class DuePump:
 
 
 def run_webhook_worker(settings: WebhookWorkerSettings | None = None, *, loglevel: str = "INFO") -> None:
-    import redis as redis_lib
+    from shared.redis_conn import sync_redis
 
     settings = settings or WebhookWorkerSettings()
-    redis = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = sync_redis(settings)
     deliveries = DeliveryStore(redis, settings.result_ttl, settings.webhook_lease)
     client = httpx.Client(trust_env=False, follow_redirects=False)
     sender = WebhookSender(settings, deliveries, client, settings.tenant_webhook_keys, random.Random())

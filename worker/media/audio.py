@@ -45,9 +45,16 @@ def decode_audio(
     if samples.size == 0:
         raise MediaError("The audio has no samples.", param=param, code="audio_decode_failed")
     _check_duration(len(samples) / rate, max_duration, param)
+    if len(samples) / rate < MIN_DURATION:
+        # A few samples (a truncated file) give the audio encoder no frame at all, which
+        # models do not handle gracefully: refuse it here, typed, instead of failing inside.
+        raise MediaError(f"The audio is shorter than {MIN_DURATION:g}s.", param=param, code="audio_too_short")
     if not np.isfinite(samples).all():
         raise MediaError("The audio has non-finite samples.", param=param, code="audio_decode_failed")
     return DecodedAudio(resample(samples, rate, sampling_rate).astype(np.float32), sampling_rate)
+
+
+MIN_DURATION = 0.1
 
 
 def _check_duration(seconds: float, max_duration: float, param: str | None) -> None:
