@@ -23,6 +23,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 
@@ -43,16 +44,18 @@ def item_key(tenant: str, model: str, fingerprint: str, modality: str, options: 
 
 
 class ItemCache:
-    """Preprocessed media items by key, least recently used out first, under a byte budget.
+    """Least recently used out first, under a byte budget, thread-safe (task threads share it).
 
-    Values need an `nbytes` attribute. Thread-safe: task threads share it.
+    Holds preprocessed media items here (their `nbytes`) and, in the continuous
+    engine, vision-encoder outputs (tensors, sized by `size`).
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size: Callable[[Any], int] = lambda value: int(value.nbytes)) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self._size = size
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -70,15 +73,15 @@ class ItemCache:
             return value
 
     def put(self, key: str, value: Any) -> None:
-        size = int(value.nbytes)
+        size = self._size(value)
         if size > self.max_bytes:
             return
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self.bytes -= int(old.nbytes)
+                self.bytes -= self._size(old)
             while self._items and self.bytes + size > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
-                self.bytes -= int(evicted.nbytes)
+                self.bytes -= self._size(evicted)
             self._items[key] = value
             self.bytes += size

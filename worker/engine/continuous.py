@@ -33,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ from shared.errors import InvalidRequestError
 from worker.engine.loader import LoadedModel
 from worker.engine.request import Generation, PreparedRequest
 from worker.engine.sampling import Sampler
+from worker.media_cache import ItemCache
 
 log = logging.getLogger(__name__)
 
@@ -72,43 +73,11 @@ class _Sequence:
     finish: str | None = None
 
 
-class EncoderCache:
-    """Vision-encoder outputs by media key, least recently used first out, under a byte budget."""
+class EncoderCache(ItemCache):
+    """Vision-encoder outputs by media key, least recently used out first, under a byte budget."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()  # read by metrics from other threads
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: str, value: Any) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.numel() * old.element_size()
-            while self._items and self.bytes + size > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
-            self._items[key] = value
-            self.bytes += size
+        super().__init__(max_bytes, size=lambda tensor: tensor.numel() * tensor.element_size())
 
 
 class SlotCache:
