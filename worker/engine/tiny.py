@@ -253,9 +253,7 @@ def build_tiny_model(target: Path, seed: int = 0) -> Path:
 
     from worker.engine.processors import FramesQwen2VLProcessor, QwenVideoFrames
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    target, staging = Path(target), staging_dir(target)
 
     raw = _train_tokenizer(seed)
     tokenizer = PreTrainedTokenizerFast(
@@ -361,6 +359,12 @@ def ensure_built(cache_dir: Path, name: str, version: str, build: Any) -> Path:
     if not (target / "vlmq.json").exists():
         build(target)
     return target
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh directory beside `target` to build in; `publish` moves it into place."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".building-", dir=Path(target).parent))
 
 
 def publish(staging: Path, target: Path) -> Path:

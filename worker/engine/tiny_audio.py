@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from shared.catalog import TINY_AUDIO_MODEL_NAME
-from worker.engine.tiny import _WORDS, _train_tokenizer, ensure_built, initialize_and_teach, publish
+from worker.engine.tiny import _WORDS, _train_tokenizer, ensure_built, initialize_and_teach, publish, staging_dir
 
 TINY_AUDIO_MODEL_VERSION = "1"
 SAMPLING_RATE = 16_000
@@ -128,9 +127,7 @@ def build_tiny_audio_model(target: Path, seed: int = 0) -> Path:
         WhisperFeatureExtractor,
     )
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    target, staging = Path(target), staging_dir(target)
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train_tokenizer(seed, SPECIAL_TOKENS, WORDS),
