@@ -40,9 +40,9 @@ from tests.conftest import (
     data_url,
     free_port,
     png_bytes,
-    redis_binary,
     spawn,
     stack_env,
+    start_redis,
     stop,
     wait_ready,
 )
@@ -53,21 +53,8 @@ AUTH = {"Authorization": f"Bearer {KEYS['alice']}"}
 
 def start_redis_aof(data_dir: Path, port: int | None = None) -> RedisServer:
     """redis-server as compose.yaml runs it: AOF, fsync every second, noeviction."""
-    port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
-    args += ["--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port=port, process=proc, url=f"redis://127.0.0.1:{port}/0")
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            if server.client().ping():
-                return server
-        except Exception:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
+    return start_redis(data_dir, port=port, persistence=aof, timeout=20)
 
 
 def job_body(tokens: int, webhook_url: str | None = None, events: tuple[str, ...] = ("job.completed",)) -> dict:

@@ -54,28 +54,16 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
 
-def start_redis(tmp: Path) -> RedisServer:
-    port = free_port()
+def start_redis(
+    tmp: Path, *, port: int | None = None, persistence: tuple[str, ...] = ("--appendonly", "no"), timeout: float = 10
+) -> RedisServer:
+    """A redis-server on 127.0.0.1 with its data in `tmp`, once it answers PING."""
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp), *persistence]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port=port, process=proc, url=f"redis://127.0.0.1:{port}/0")
-    deadline = time.time() + 10
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if server.client().ping():

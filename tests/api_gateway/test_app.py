@@ -9,36 +9,29 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 from api_gateway.app import create_app
 from api_gateway.config import GatewaySettings
 from shared import keys
 from shared.schemas import JobStatus
 from shared.store import JobStore
-from tests.conftest import KEYS, MODEL, free_port
+from tests.api_gateway.server import serve
+from tests.conftest import KEYS, MODEL
 
 
 @pytest.fixture
 def gateway(redis_server, redis_client):
-    port = free_port()
     settings = GatewaySettings(
         redis_url=redis_server.url,
         api_keys=[f"{t}:{k}" for t, k in KEYS.items()],
         model=MODEL,
         allowed_media_domains=["images.example.com", "*.cdn.example.com"],
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    with httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=30
-    ) as client:
+    with (
+        serve(settings) as base_url,
+        httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=30) as client,
+    ):
         yield client
-    server.should_exit = True
-    thread.join(10)
 
 
 def job(**extra):

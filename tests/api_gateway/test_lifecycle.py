@@ -3,19 +3,18 @@ cancel, deliveries. Real HTTP, real Redis, no worker."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 
 import httpx
 import pytest
-import uvicorn
 
-from api_gateway.app import create_app
 from api_gateway.config import GatewaySettings
 from shared import keys
 from shared.deliveries import DeliveryStore
 from shared.schemas import WebhookEvent
-from tests.conftest import KEYS, MODEL, free_port
+from tests.api_gateway.server import serve
+from tests.conftest import KEYS, MODEL
 from tests.webhook_receiver import SECRET_A
 
 QUEUE = f"vlmq.model.{MODEL}"
@@ -23,7 +22,7 @@ QUEUE = f"vlmq.model.{MODEL}"
 
 @pytest.fixture
 def make_gateway(redis_server, redis_client):
-    servers = []
+    servers = contextlib.ExitStack()
 
     def make(**overrides) -> httpx.Client:
         settings = GatewaySettings(
@@ -33,21 +32,11 @@ def make_gateway(redis_server, redis_client):
             webhook_secrets=[f"alice:{SECRET_A}"],
             **overrides,
         )
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
-        servers.append((server, thread))
-        return httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=30
-        )
+        base_url = servers.enter_context(serve(settings))
+        return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=30)
 
-    yield make
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    with servers:
+        yield make
 
 
 @pytest.fixture

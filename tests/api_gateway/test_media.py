@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
 import redis as redis_lib
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_gateway.app import create_app
 from api_gateway.config import GatewaySettings
 from shared import metrics
 from shared.media_cache import MediaCache
-from tests.conftest import KEYS, MODEL, free_port, png_bytes
+from tests.api_gateway.server import serve
+from tests.conftest import KEYS, MODEL, png_bytes
 
 
 @pytest.fixture
 def gateway(redis_server, redis_client):
-    port = free_port()
     settings = GatewaySettings(
         redis_url=redis_server.url,
         api_keys=[f"{t}:{k}" for t, k in KEYS.items()],
@@ -28,14 +23,8 @@ def gateway(redis_server, redis_client):
         allowed_media_domains=["images.example.com"],
         media_cache_max_item_bytes=50_000,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(settings) as base_url:
+        yield base_url
 
 
 def client(base_url: str, tenant: str = "alice") -> httpx.Client:

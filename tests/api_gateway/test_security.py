@@ -7,16 +7,11 @@ balancer, to show the limits hold across processes.
 from __future__ import annotations
 
 import re
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
-from api_gateway.app import create_app
 from api_gateway.auth import KeyRing, hashed_entry
 from api_gateway.config import GatewaySettings
 from shared import keys
@@ -24,23 +19,9 @@ from shared.errors import AuthenticationError
 from shared.schemas import JobStatus, WebhookEvent
 from shared.store import JobStore
 from shared.webhooks import message_id
-from tests.conftest import KEYS, MODEL, free_port, png_bytes
+from tests.api_gateway.server import serve
+from tests.conftest import KEYS, MODEL, png_bytes
 from tests.webhook_receiver import SECRET_A, SECRET_B
-
-
-@contextmanager
-def serve(settings: GatewaySettings) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def settings(redis_server, **extra) -> GatewaySettings:
