@@ -32,7 +32,8 @@ class GatewayState:
     limiter: RateLimiter
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
+    # async: FastAPI runs a plain function dependency in a worker thread, on every request.
     return request.app.state.vlmq
 
 

@@ -66,7 +66,7 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> JobPublic:
     key = state.submitter.check_idempotency_key(idempotency_key)
-    record, replayed = await state.submitter.submit(tenant, body, key)
+    record, replayed, position = await state.submitter.submit(tenant, body, key)
     response.headers["Location"] = f"/v1/jobs/{record.id}"
     if replayed:
         # The job this key created first; nothing new was queued.
@@ -80,7 +80,11 @@ async def create_job(
             if record.status.terminal:
                 response.status_code = status.HTTP_200_OK
                 response.headers["Preference-Applied"] = f"wait={wait:g}"
-    return await public(state, record)
+            return await public(state, record)
+    if replayed:
+        return await public(state, record)
+    # Just accepted: the script that queued it said where.
+    return record.to_public(queue_position=position)
 
 
 @router.get("/{job_id}", response_model=JobPublic)

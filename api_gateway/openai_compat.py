@@ -18,7 +18,7 @@ class JobTimeoutError(TransientError):
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: JobCreate, state: StateDep, tenant: TenantDep) -> ChatCompletion:
-    record, _ = await state.submitter.submit(tenant, body)
+    record, _, _ = await state.submitter.submit(tenant, body)
     finished = await state.events.wait_terminal(state.store, record.id, state.settings.sync_timeout)
     if finished is None or not finished.status.terminal:
         raise JobTimeoutError(

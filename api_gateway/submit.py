@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
+from redis.exceptions import RedisError
 
 from api_gateway.config import GatewaySettings
 from shared import keys, metrics
@@ -23,7 +22,7 @@ from shared.errors import (
     UnsupportedModelError,
 )
 from shared.media_policy import check_request_media
-from shared.queues import make_celery, send_job
+from shared.queues import job_message, make_celery
 from shared.schemas import JobCreate
 from shared.store import AsyncJobStore, JobRecord, new_job_id
 
@@ -113,10 +112,13 @@ class Submitter:
 
     async def submit(
         self, tenant: str, request: JobCreate, idempotency_key: str | None = None
-    ) -> tuple[JobRecord, bool]:
+    ) -> tuple[JobRecord, bool, int | None]:
         """Accept a job; with an Idempotency-Key, the first job for that key and body instead.
 
-        Returns the job and whether it is an earlier one (a replay).
+        Returns the job, whether it is an earlier one (a replay) and, for a new
+        job, its place in its model's queue. Accepting is one Redis script:
+        the record, its indexes, the key, the Celery task and the counter are
+        written together or not at all.
         """
         modalities = await self.check_model(request.model)
         self.check_media(request, modalities)
@@ -126,42 +128,34 @@ class Submitter:
         ttl = request.ttl_seconds or self._default_ttl
         if ttl:
             record.expires_at = record.created_at + ttl
-        key_digest = body_digest = None
+        idempotency = body_digest = None
         if idempotency_key is not None:
-            key_digest = _digest(idempotency_key)
             body_digest = _digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
-            # A replay answers with its job even when the tenant is at its quota.
-            earlier = await self._store.idempotency_key(tenant, key_digest)
-            if earlier is not None:
-                return await self._replay(tenant, earlier, body_digest), True
-        # The record is written before the key is claimed, so a concurrent request
-        # with the same key always finds the job the key names.
-        if not await self._store.create(record, self._settings.max_queued_jobs):
-            raise RateLimitError(
-                f"Your tenant has {self._settings.max_queued_jobs} unfinished jobs, the most allowed "
-                "(VLMQ_MAX_QUEUED_JOBS); submit more as they finish.",
-                retry_after=QUOTA_RETRY_AFTER,
-                code="too_many_queued_jobs",
-            )
-        if key_digest is not None and body_digest is not None:
-            earlier = await self._store.claim_idempotency_key(tenant, key_digest, f"{body_digest} {record.id}")
-            if earlier is not None:
-                await self._store.delete(record)
-                return await self._replay(tenant, earlier, body_digest), True
-        publish = functools.partial(send_job, self.celery, record.id, request.model, request.priority)
+            idempotency = (keys.idempotency(tenant, _digest(idempotency_key)), f"{body_digest} {record.id}")
         try:
-            await anyio.to_thread.run_sync(publish)
-        except Exception as exc:
-            # Not queued means not accepted: take the record back so nothing waits forever.
-            log.error("could not publish job %s: %s", record.id, exc)
-            await self._store.delete(record)
-            if key_digest is not None:
-                await self._store.release_idempotency_key(tenant, key_digest)
+            created = await self._store.create(
+                record,
+                self._settings.max_queued_jobs,
+                message=job_message(record.id, request.model, request.priority),
+                idempotency=idempotency,
+                metric=metrics.field("jobs_submitted", model=request.model),
+            )
+        except RedisError as exc:
+            # Not written means not accepted, and the script writes all or nothing.
+            log.error("could not queue job %s: %s", record.id, exc)
             raise TransientError("The job queue is unavailable; try again shortly.") from None
-        await metrics.add_async(self._redis, {metrics.field("jobs_submitted", model=request.model): 1})
-        return record, False
+        if created.accepted:
+            return record, False, created.queue_position
+        if created.earlier is not None and body_digest is not None:
+            return await self._replay(created.earlier, body_digest), True, None
+        raise RateLimitError(
+            f"Your tenant has {self._settings.max_queued_jobs} unfinished jobs, the most allowed "
+            "(VLMQ_MAX_QUEUED_JOBS); submit more as they finish.",
+            retry_after=QUOTA_RETRY_AFTER,
+            code="too_many_queued_jobs",
+        )
 
-    async def _replay(self, tenant: str, earlier: str, body_digest: str) -> JobRecord:
+    async def _replay(self, earlier: str, body_digest: str) -> JobRecord:
         earlier_digest, _, job_id = earlier.partition(" ")
         if earlier_digest != body_digest:
             raise ConflictError(

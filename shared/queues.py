@@ -9,6 +9,12 @@ be the same everywhere.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from shared.catalog import queue_name
@@ -33,6 +39,77 @@ PRIORITY_STEPS = list(range(10))
 
 def broker_priority(priority: int) -> int:
     return PRIORITY_MAX - priority
+
+
+# kombu's Redis transport keeps priority p > 0 of queue q in the list "q\x06\x16p".
+_PRIORITY_SEP = "\x06\x16"
+_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
+# Celery's canvas options for a plain task (protocol 2's third body item).
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One Celery task message, ready to LPUSH: `key` is the broker list, `body` the envelope."""
+
+    key: str
+    body: str
+
+
+def task_message(task: str, args: list[Any], queue: str, priority: int = 0) -> TaskMessage:
+    """The message `send_task(task, args, queue=queue, priority=priority)` would put on Redis.
+
+    Celery's message protocol 2 in kombu's Redis envelope (JSON, body base64),
+    built without a Celery app or a connection, so the gateway can push it in
+    the same Lua script that writes the job record: accepting a job is one
+    atomic Redis step, never a record without its task or a task without its
+    record. `priority` is the broker's (0 is taken first); tests compare the
+    result with what Celery itself publishes, and a real worker consumes it.
+    """
+    task_id = str(uuid.uuid4())
+    body = json.dumps([args, {}, _EMBED])
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": task,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr(args),
+            "kwargsrepr": "{}",
+            "origin": _ORIGIN,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": priority,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    key = f"{queue}{_PRIORITY_SEP}{priority}" if priority else queue
+    return TaskMessage(key, json.dumps(envelope))
+
+
+def job_message(job_id: str, model: str, priority: int) -> TaskMessage:
+    """The task that runs a job, on its model's queue at its priority (what `send_job` publishes)."""
+    return task_message(RUN_JOB_TASK, [job_id], queue_name(model), broker_priority(priority))
 
 
 def send_job(celery: Any, job_id: str, model: str, priority: int) -> None:

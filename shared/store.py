@@ -20,6 +20,7 @@ from typing import Any
 
 from shared import keys
 from shared.catalog import queue_name
+from shared.queues import TaskMessage
 from shared.schemas import (
     PRIORITY_DEFAULT,
     PRIORITY_MAX,
@@ -81,16 +82,29 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: job, tenant index, queue-position index, tenant's active jobs.
-# ARGV: ttl, created_at, queue score, most active jobs (0 = no limit), id, then the hash's field/value pairs.
-# The quota check and the write are one step, so parallel submits cannot overshoot it.
+# Accepting a job, all in one step. KEYS: job, tenant index, queue-position index,
+# tenant's active jobs, Idempotency-Key (the job key again when none), broker list
+# (ditto when nothing is published), metrics.
+# ARGV: ttl, created_at, queue score, most active jobs (0 = no limit), id,
+# Idempotency-Key value ('' = none), task message ('' = none), metrics field,
+# then the hash's field/value pairs.
+# Returns {1, queue position} when accepted, {0} when the tenant is at its quota
+# (nothing written), {2, the key's value} when the Idempotency-Key was used before.
+# The key is looked at first, so a replay is answered even at the quota; the
+# quota check and the write are one step, so parallel submits cannot overshoot
+# it; the task goes on the broker's list with the record, so a job is never
+# written without its task nor its task sent without the job.
 _CREATE = """
 local ttl = tonumber(ARGV[1])
 local created = tonumber(ARGV[2])
 local limit = tonumber(ARGV[4])
+if ARGV[6] ~= '' then
+  local earlier = redis.call('GET', KEYS[5])
+  if earlier then return {2, earlier} end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', created - ttl)
-if limit > 0 and redis.call('ZCARD', KEYS[4]) >= limit then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if limit > 0 and redis.call('ZCARD', KEYS[4]) >= limit then return {0} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], created, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', created - ttl)
@@ -99,7 +113,10 @@ redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), ARGV[5])
 redis.call('EXPIRE', KEYS[3], ttl)
 redis.call('ZADD', KEYS[4], created, ARGV[5])
 redis.call('EXPIRE', KEYS[4], ttl)
-return 1
+if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ttl) end
+if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[7]) end
+if ARGV[8] ~= '' then redis.call('HINCRBY', KEYS[7], ARGV[8], 1) end
+return {1, redis.call('ZRANK', KEYS[3], ARGV[5])}
 """
 
 # Only while a job is running, and only if it still exists: a late progress
@@ -110,14 +127,6 @@ if redis.call('HGET', KEYS[1], 'status') == 'running' then
   return 1
 end
 return 0
-"""
-
-# Idempotency-Key: remember the first job for (tenant, key); later callers get it back.
-_CLAIM = """
-local cur = redis.call('GET', KEYS[1])
-if cur then return cur end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-return false
 """
 
 
@@ -245,6 +254,19 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class Created:
+    """Outcome of `AsyncJobStore.create`: `accepted`, or why not.
+
+    Not accepted with `earlier` set: the Idempotency-Key was used before and
+    `earlier` is the value kept for it; without: the tenant is at its quota.
+    """
+
+    accepted: bool
+    queue_position: int | None = None
+    earlier: str | None = None
+
+
+@dataclass(frozen=True)
 class Transition:
     """Outcome of a transition: `applied` is False when the job was elsewhere (or gone).
 
@@ -337,29 +359,51 @@ class AsyncJobStore:
         self.result_ttl = result_ttl
         self._transition = redis.register_script(_TRANSITION)
         self._create = redis.register_script(_CREATE)
-        self._claim = redis.register_script(_CLAIM)
 
-    async def create(self, record: JobRecord, max_active: int = 0) -> bool:
-        """Write a new job; False (nothing written) when its tenant already has `max_active` unfinished jobs."""
+    async def create(
+        self,
+        record: JobRecord,
+        max_active: int = 0,
+        *,
+        message: TaskMessage | None = None,
+        idempotency: tuple[str, str] | None = None,
+        metric: str | None = None,
+    ) -> Created:
+        """Write a new job and, in the same step, push its task `message` and count `metric`.
+
+        Nothing is written when the tenant already has `max_active` unfinished
+        jobs, or when `idempotency` (the key's Redis name, the value to keep
+        there) names a key used before: `Created` says which.
+        """
+        job_key = keys.job(record.id)
         args: list[Any] = [
             self.result_ttl,
             repr(record.created_at),
             repr(queue_score(record.priority, record.created_at)),
             max_active,
             record.id,
+            idempotency[1] if idempotency else "",
+            message.body if message else "",
+            metric or "",
         ]
         for name, value in record.to_hash().items():
             args += [name, value]
-        created = await self._create(
+        reply = await self._create(
             keys=[
-                keys.job(record.id),
+                job_key,
                 keys.tenant_jobs(record.tenant),
                 keys.queued(queue_name(record.model)),
                 keys.tenant_active(record.tenant),
+                idempotency[0] if idempotency else job_key,
+                message.key if message else job_key,
+                keys.METRICS,
             ],
             args=args,
         )
-        return bool(created)
+        outcome = int(reply[0])
+        if outcome == 1:
+            return Created(True, queue_position=int(reply[1]))
+        return Created(False, earlier=reply[1] if outcome == 2 else None)
 
     async def active_jobs(self, tenant: str) -> int:
         """The tenant's jobs not finished yet (queued or running)."""
@@ -379,18 +423,6 @@ class AsyncJobStore:
             return None
         rank = await self.redis.zrank(keys.queued(queue_name(record.model)), record.id)
         return int(rank) if rank is not None else None
-
-    async def claim_idempotency_key(self, tenant: str, key_digest: str, value: str) -> str | None:
-        """Store `value` for the key unless one is there; return the one already there."""
-        found = await self._claim(keys=[keys.idempotency(tenant, key_digest)], args=[value, str(self.result_ttl)])
-        return found or None
-
-    async def idempotency_key(self, tenant: str, key_digest: str) -> str | None:
-        found = await self.redis.get(keys.idempotency(tenant, key_digest))
-        return str(found) if found else None
-
-    async def release_idempotency_key(self, tenant: str, key_digest: str) -> None:
-        await self.redis.delete(keys.idempotency(tenant, key_digest))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(keys.job(job_id))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from shared import keys
 from shared.schemas import JobStatus
@@ -132,3 +133,37 @@ def test_progress_is_written_only_while_running(redis_server, redis_client):
     store.transition(r.id, [JobStatus.running], JobStatus.succeeded)
     assert not store.set_progress(r.id, 9) and store.get(r.id).tokens_generated == 7
     assert not store.set_progress("job_gone", 1) and not redis_client.exists(keys.job("job_gone"))
+
+
+def test_create_writes_the_job_its_task_and_its_count_in_one_step(redis_server, redis_client):
+    from shared import metrics
+    from shared.queues import job_message
+
+    redis_client.flushdb()
+    metric = metrics.field("jobs_submitted", model="m")
+
+    async def go():
+        store, client = async_store(redis_server)
+        first, second, third = record(), record(), record()
+        idem = keys.idempotency("t", "k1")
+        outcomes = [
+            await store.create(first, 2, message=job_message(first.id, "m", 5), idempotency=(idem, f"d {first.id}")),
+            # The same key again: the first job's value back, nothing written or sent.
+            await store.create(second, 2, message=job_message(second.id, "m", 5), idempotency=(idem, "d x")),
+            await store.create(second, 2, message=job_message(second.id, "m", 5), metric=metric),
+            # At the quota (2 unfinished): refused, nothing written or sent.
+            await store.create(third, 2, message=job_message(third.id, "m", 5), metric=metric),
+        ]
+        await client.aclose()
+        return first, second, third, outcomes
+
+    first, second, third, (a, b, c, d) = asyncio.run(go())
+    assert a.accepted and a.queue_position == 0
+    assert not b.accepted and b.earlier == f"d {first.id}"
+    assert c.accepted and c.queue_position == 1
+    assert not d.accepted and d.earlier is None
+    assert not redis_client.exists(keys.job(third.id))
+    tasks = [json.loads(m)["headers"]["argsrepr"] for m in redis_client.lrange(job_message("x", "m", 5).key, 0, -1)]
+    assert sorted(tasks) == sorted([repr([first.id]), repr([second.id])])
+    assert redis_client.hget(keys.METRICS, metric) == "1"
+    assert redis_client.get(keys.idempotency("t", "k1")) == f"d {first.id}"
