@@ -39,7 +39,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         store = AsyncJobStore(redis, settings.result_ttl)
         events = JobEvents(redis)
         await events.start()
-        submitter = Submitter(settings, redis, store)
+        limiter = RateLimiter(redis, settings.rate_limit, settings.rate_limit_burst)
+        submitter = Submitter(settings, redis, store, limiter)
         app.state.vlmq = GatewayState(
             settings=settings,
             redis=redis,
@@ -53,7 +54,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             media=AsyncMediaCache(
                 redis, settings.media_cache_ttl, settings.media_cache_max_bytes, settings.media_cache_max_item_bytes
             ),
-            limiter=RateLimiter(redis, settings.rate_limit, settings.rate_limit_burst),
+            limiter=limiter,
         )
         # Everything built so far lives as long as the process: out of the collector's
         # sight, a full collection walks only per-request objects and stays short.

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from api_gateway.deps import StateDep, TenantDep
+from api_gateway.deps import StateDep, SubmitTenantDep, TenantDep
 from shared.errors import InvalidRequestError, JobExpiredError, NotFoundError
 from shared.schemas import JobCreate, JobList, JobPublic, JobStatus, WebhookEvent
 from shared.store import JobRecord
@@ -60,7 +60,7 @@ async def public(state: StateDep, record: JobRecord) -> JobPublic:
 async def create_job(
     body: JobCreate,
     state: StateDep,
-    tenant: TenantDep,
+    tenant: SubmitTenantDep,
     response: Response,
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,

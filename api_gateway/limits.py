@@ -2,7 +2,8 @@
 
 The rate is a GCRA token bucket kept in Redis (one key per tenant, written
 by one script using Redis's own clock), so it holds across every gateway
-process and host; the queued-job quota lives with the job store
+process and host; a submit is counted by the script that accepts the job
+(`AsyncJobStore.create`), any other request by its own; the queued-job quota lives with the job store
 (`AsyncJobStore.create`). The body limit is an ASGI middleware: a declared
 Content-Length over the limit is refused before a byte is read, and a
 chunked body is counted as it streams.
@@ -15,22 +16,9 @@ from typing import Any
 
 from shared import keys
 from shared.errors import RateLimitError, RequestTooLargeError
+from shared.store import GCRA_FUNCTION
 
-# KEYS: the tenant's bucket. ARGV: ms per request, burst. Returns 0 (allowed) or
-# the ms to wait. The key holds the theoretical arrival time of the next request.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local next_tat = tat + interval
-local wait = next_tat - interval * burst - now
-if wait > 0 then return math.ceil(wait) end
-redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.max(1, math.ceil(next_tat - now)))
-return 0
-"""
+_GCRA = GCRA_FUNCTION + "return gcra(KEYS[1], ARGV[1], ARGV[2])"
 
 
 class RateLimiter:
@@ -42,10 +30,17 @@ class RateLimiter:
         self._burst = str(max(1, burst))
         self._script = redis.register_script(_GCRA)
 
+    def bucket(self, tenant: str) -> tuple[str, str, str] | None:
+        """The tenant's bucket key, ms per request and burst, for a script that counts the request itself."""
+        return (keys.rate_limit(tenant), self._interval_ms, self._burst) if self.rate > 0 else None
+
     async def check(self, tenant: str) -> None:
         if self.rate <= 0:
             return
-        wait_ms = int(await self._script(keys=[keys.rate_limit(tenant)], args=[self._interval_ms, self._burst]))
+        wait_ms = await self._script(keys=[keys.rate_limit(tenant)], args=[self._interval_ms, self._burst])
+        self.raise_if_waiting(int(wait_ms))
+
+    def raise_if_waiting(self, wait_ms: int) -> None:
         if wait_ms > 0:
             raise RateLimitError(
                 f"Rate limit reached: {self.rate:g} requests per second (VLMQ_RATE_LIMIT) for your tenant; "

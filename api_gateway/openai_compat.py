@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api_gateway.deps import StateDep, TenantDep
+from api_gateway.deps import StateDep, SubmitTenantDep, TenantDep
 from shared.errors import ClientError, TransientError, from_body
 from shared.schemas import ChatCompletion, JobCreate, JobStatus, ModelCard, ModelList
 
@@ -17,7 +17,7 @@ class JobTimeoutError(TransientError):
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: JobCreate, state: StateDep, tenant: TenantDep) -> ChatCompletion:
+async def chat_completions(body: JobCreate, state: StateDep, tenant: SubmitTenantDep) -> ChatCompletion:
     record, _, _ = await state.submitter.submit(tenant, body)
     finished = await state.events.wait_terminal(state.store, record.id, state.settings.sync_timeout)
     if finished is None or not finished.status.terminal:

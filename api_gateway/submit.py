@@ -11,6 +11,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from api_gateway.config import GatewaySettings
+from api_gateway.limits import RateLimiter
 from shared import keys, metrics
 from shared.catalog import BUNDLED_MODELS
 from shared.errors import (
@@ -53,13 +54,14 @@ QUOTA_RETRY_AFTER = 5.0
 
 
 class Submitter:
-    def __init__(self, settings: GatewaySettings, redis: Any, store: AsyncJobStore) -> None:
+    def __init__(self, settings: GatewaySettings, redis: Any, store: AsyncJobStore, limiter: RateLimiter) -> None:
         self._settings = settings
         self._configured = {spec.name: spec.modalities for spec in settings.models}
         self._webhook_tenants = set(settings.tenant_webhook_keys)
         self._default_ttl = settings.default_job_ttl
         self._redis = redis
         self._store = store
+        self._limiter = limiter
         self.celery = make_celery(settings, "vlmq-gateway")
 
     async def served_models(self) -> dict[str, ServedModel]:
@@ -116,9 +118,10 @@ class Submitter:
         """Accept a job; with an Idempotency-Key, the first job for that key and body instead.
 
         Returns the job, whether it is an earlier one (a replay) and, for a new
-        job, its place in its model's queue. Accepting is one Redis script:
-        the record, its indexes, the key, the Celery task and the counter are
-        written together or not at all.
+        job, its place in its model's queue. Accepting is one Redis script: it
+        counts the request against the tenant's rate limit (routes that submit
+        authenticate without counting), and writes the record, its indexes, the
+        key, the Celery task and the counter together or not at all.
         """
         modalities = await self.check_model(request.model)
         self.check_media(request, modalities)
@@ -139,6 +142,7 @@ class Submitter:
                 message=job_message(record.id, request.model, request.priority),
                 idempotency=idempotency,
                 metric=metrics.field("jobs_submitted", model=request.model),
+                rate=self._limiter.bucket(tenant),
             )
         except RedisError as exc:
             # Not written means not accepted, and the script writes all or nothing.
@@ -146,6 +150,8 @@ class Submitter:
             raise TransientError("The job queue is unavailable; try again shortly.") from None
         if created.accepted:
             return record, False, created.queue_position
+        if created.wait_ms:
+            self._limiter.raise_if_waiting(created.wait_ms)
         if created.earlier is not None and body_digest is not None:
             return await self._replay(created.earlier, body_digest), True, None
         raise RateLimitError(

@@ -1,14 +1,18 @@
 """Load test of job submission against one gateway process, all on 127.0.0.1.
 
-    scripts/loadtest                      # both phases, default sizes
-    scripts/loadtest --seconds 20 --connections 64
+    scripts/loadtest                      # all phases, default sizes
+    scripts/loadtest --seconds 20 --connections 32 --rate 2000
 
-Phase 1 (throughput): one gateway process pinned to one core (taskset, when
-present), no worker, an asyncio httpx client on the other cores keeping
-`--connections` submits in flight for `--seconds`; reports submits/s and
-latency percentiles. Phase 2 (queue overhead): a worker with the tiny model,
-jobs submitted one at a time with `Prefer: wait`, overhead = submit->result
-wall time minus the job's own engine and media time (`timings`).
+One gateway process pinned to one core (taskset, when present), no worker,
+the load client on the other cores (raw HTTP/1.1 on keep-alive connections:
+httpx would cost more CPU per request than the gateway does).
+Phase 1 (closed loop): `--connections` submits always in flight for
+`--seconds`: the most the gateway takes, and its latency at that load.
+Phase 2 (open loop): submits due at `--rate` per second whether or not the
+last were answered; latency is measured from when each was due.
+Phase 3 (queue overhead): a worker with the tiny model, jobs submitted one at
+a time with `Prefer: wait`, overhead = submit->result wall time minus the
+job's own engine and media time (`timings`).
 """
 
 from __future__ import annotations
@@ -63,19 +67,42 @@ class Connection:
         return status
 
 
-async def hammer(base_url: str, seconds: float, connections: int) -> dict:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
+def submit_request(base_url: str) -> bytes:
     url = httpx.URL(base_url)
     payload = json.dumps(BODY).encode()
-    raw = (
+    head = (
         f"POST /v1/jobs HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
         f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+    )
+    return head.encode() + payload
+
+
+async def connect(base_url: str, connections: int, raw: bytes) -> list[Connection]:
+    url = httpx.URL(base_url)
     pool = [Connection(*await asyncio.open_connection(url.host, url.port)) for _ in range(connections)]
     for i in range(200):  # warm up: connections, script cache
         await pool[i % connections].request(raw)
+    return pool
+
+
+def summary(latencies: list[float], errors: dict[str, int], elapsed: float) -> dict:
+    return {
+        "submits": len(latencies),
+        "submits_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(pct(latencies, 0.50), 2),
+        "p99_ms": round(pct(latencies, 0.99), 2),
+        "max_ms": round(max(latencies), 2),
+        "errors": errors,
+    }
+
+
+async def closed_loop(base_url: str, seconds: float, connections: int) -> dict:
+    """Each connection sends its next submit as soon as the last is answered: the most the gateway takes."""
+    raw = submit_request(base_url)
+    pool = await connect(base_url, connections, raw)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
     stop_at = time.perf_counter() + seconds
 
     async def drive(conn: Connection) -> None:
@@ -91,14 +118,45 @@ async def hammer(base_url: str, seconds: float, connections: int) -> dict:
     elapsed = time.perf_counter() - started
     for conn in pool:
         conn.writer.close()
-    return {
-        "submits": len(latencies),
-        "submits_per_s": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(pct(latencies, 0.50), 2),
-        "p99_ms": round(pct(latencies, 0.99), 2),
-        "max_ms": round(max(latencies), 2),
-        "errors": errors,
-    }
+    return {"connections": connections, **summary(latencies, errors, elapsed)}
+
+
+async def open_loop(base_url: str, seconds: float, rate: float, connections: int) -> dict:
+    """Submits arrive at `rate` per second whatever the replies do, as independent clients would.
+
+    A submit's latency runs from when it was due, so time spent waiting for a
+    free connection (the gateway falling behind) counts against it.
+    """
+    raw = submit_request(base_url)
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for conn in await connect(base_url, connections, raw):
+        idle.put_nowait(conn)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def one(due: float) -> None:
+        conn = await idle.get()
+        status = await conn.request(raw)
+        latencies.append((time.perf_counter() - due) * 1000)
+        idle.put_nowait(conn)
+        if status != 202:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+
+    total = int(seconds * rate)
+    started = time.perf_counter()
+    tasks, sent = [], 0
+    while sent < total:
+        now = time.perf_counter()
+        # The event loop's timers tick in milliseconds: send every submit already due.
+        while sent < total and started + sent / rate <= now:
+            tasks.append(asyncio.ensure_future(one(started + sent / rate)))
+            sent += 1
+        await asyncio.sleep(max(0.0, started + sent / rate - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    while not idle.empty():
+        idle.get_nowait().writer.close()
+    return {"offered_per_s": rate, "connections": connections, **summary(latencies, errors, elapsed)}
 
 
 def one_at_a_time(base_url: str, jobs: int) -> dict:
@@ -127,7 +185,8 @@ def one_at_a_time(base_url: str, jobs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=16, help="closed loop: submits in flight")
+    parser.add_argument("--rate", type=float, default=1500, help="open loop: submits per second (0: skip)")
     parser.add_argument("--overhead-jobs", type=int, default=100)
     parser.add_argument("--gateway-core", default="0", help="CPU list for taskset (empty: no pinning)")
     args = parser.parse_args()
@@ -162,7 +221,10 @@ def main() -> None:
                 run = uvloop.run
             except ImportError:
                 run = asyncio.run
-            submit = run(hammer(base_url, args.seconds, args.connections))
+            submit = {"closed_loop": run(closed_loop(base_url, args.seconds, args.connections))}
+            redis.client().flushdb()
+            if args.rate:
+                submit["open_loop"] = run(open_loop(base_url, args.seconds, args.rate, 64))
             redis.client().flushdb()
             processes["worker"] = spawn("worker", ["worker", "--concurrency", "1"], env, work / "logs")
             wait_ready(base_url, processes, work / "logs")
@@ -170,7 +232,7 @@ def main() -> None:
         finally:
             stop(processes)
             redis.process.terminate()
-    print(json.dumps({"connections": args.connections, "submit": submit, "queue_overhead": overhead}, indent=2))
+    print(json.dumps({"submit": submit, "queue_overhead": overhead}, indent=2))
 
 
 if __name__ == "__main__":

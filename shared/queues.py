@@ -10,6 +10,7 @@ be the same everywhere.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import socket
@@ -56,6 +57,54 @@ class TaskMessage:
     body: str
 
 
+# Stand-ins for a message's own values in the cached envelope (a NUL cannot occur in
+# a task, queue or model name); each is a whole JSON string there, quotes included.
+_ID, _TAG, _BODY, _ARGSREPR = (json.dumps(f"\0{name}") for name in ("id", "tag", "body", "argsrepr"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _envelope(task: str, queue: str, priority: int) -> str:
+    """The envelope of every message for (task, queue, priority), its own values left as stand-ins."""
+    task_id = json.loads(_ID)
+    return json.dumps(
+        {
+            "body": json.loads(_BODY),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": task,
+                "id": task_id,
+                "shadow": None,
+                "eta": None,
+                "expires": None,
+                "group": None,
+                "group_index": None,
+                "retries": 0,
+                "timelimit": [None, None],
+                "root_id": task_id,
+                "parent_id": None,
+                "argsrepr": json.loads(_ARGSREPR),
+                "kwargsrepr": "{}",
+                "origin": _ORIGIN,
+                "ignore_result": None,
+                "replaced_task_nesting": 0,
+                "stamped_headers": None,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": priority,
+                "body_encoding": "base64",
+                "delivery_tag": json.loads(_TAG),
+            },
+        }
+    )
+
+
 def task_message(task: str, args: list[Any], queue: str, priority: int = 0) -> TaskMessage:
     """The message `send_task(task, args, queue=queue, priority=priority)` would put on Redis.
 
@@ -65,46 +114,19 @@ def task_message(task: str, args: list[Any], queue: str, priority: int = 0) -> T
     atomic Redis step, never a record without its task or a task without its
     record. `priority` is the broker's (0 is taken first); tests compare the
     result with what Celery itself publishes, and a real worker consumes it.
+    The envelope is built once per (task, queue, priority), then filled in:
+    this runs on every submit.
     """
-    task_id = str(uuid.uuid4())
-    body = json.dumps([args, {}, _EMBED])
-    envelope = {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": task,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr(args),
-            "kwargsrepr": "{}",
-            "origin": _ORIGIN,
-            "ignore_result": None,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": priority,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
+    body = base64.b64encode(json.dumps([args, {}, _EMBED]).encode()).decode()
+    text = (
+        _envelope(task, queue, priority)
+        .replace(_ID, f'"{uuid.uuid4()}"')
+        .replace(_TAG, f'"{uuid.uuid4()}"')
+        .replace(_BODY, f'"{body}"')
+        .replace(_ARGSREPR, json.dumps(repr(args)))
+    )
     key = f"{queue}{_PRIORITY_SEP}{priority}" if priority else queue
-    return TaskMessage(key, json.dumps(envelope))
+    return TaskMessage(key, text)
 
 
 def job_message(job_id: str, model: str, priority: int) -> TaskMessage:

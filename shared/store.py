@@ -82,19 +82,46 @@ redis.call('PUBLISH', KEYS[2], ARGV[2])
 return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
 """
 
+# A Lua function: GCRA, the token bucket of the per-tenant rate limit. `key` holds the
+# theoretical arrival time of the next request; Redis's clock, so every gateway agrees.
+# Counts the request and returns 0, or returns the ms to wait (and counts nothing).
+GCRA_FUNCTION = """
+local function gcra(key, interval, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  interval = tonumber(interval)
+  burst = tonumber(burst)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local next_tat = tat + interval
+  local wait = next_tat - interval * burst - now
+  if wait > 0 then return math.ceil(wait) end
+  redis.call('SET', key, tostring(next_tat), 'PX', math.max(1, math.ceil(next_tat - now)))
+  return 0
+end
+"""
+
 # Accepting a job, all in one step. KEYS: job, tenant index, queue-position index,
 # tenant's active jobs, Idempotency-Key (the job key again when none), broker list
-# (ditto when nothing is published), metrics.
+# (ditto when nothing is published), metrics, rate-limit bucket (ditto when none).
 # ARGV: ttl, created_at, queue score, most active jobs (0 = no limit), id,
 # Idempotency-Key value ('' = none), task message ('' = none), metrics field,
-# then the hash's field/value pairs.
+# rate limit's ms per request ('' = none) and burst, then the hash's field/value pairs.
 # Returns {1, queue position} when accepted, {0} when the tenant is at its quota
-# (nothing written), {2, the key's value} when the Idempotency-Key was used before.
-# The key is looked at first, so a replay is answered even at the quota; the
+# (nothing written), {2, the key's value} when the Idempotency-Key was used before,
+# {3, ms to wait} when the tenant is over its rate (nothing written).
+# The rate is checked first (a replay is a request too), then the key, so a
+# replay is answered even at the quota; the
 # quota check and the write are one step, so parallel submits cannot overshoot
 # it; the task goes on the broker's list with the record, so a job is never
 # written without its task nor its task sent without the job.
-_CREATE = """
+_CREATE = (
+    GCRA_FUNCTION
+    + """
+if ARGV[9] ~= '' then
+  local wait = gcra(KEYS[8], ARGV[9], ARGV[10])
+  if wait > 0 then return {3, wait} end
+end
 local ttl = tonumber(ARGV[1])
 local created = tonumber(ARGV[2])
 local limit = tonumber(ARGV[4])
@@ -104,7 +131,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', created - ttl)
 if limit > 0 and redis.call('ZCARD', KEYS[4]) >= limit then return {0} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], created, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', created - ttl)
@@ -118,6 +145,7 @@ if ARGV[7] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HINCRBY', KEYS[7], ARGV[8], 1) end
 return {1, redis.call('ZRANK', KEYS[3], ARGV[5])}
 """
+)
 
 # Only while a job is running, and only if it still exists: a late progress
 # write must neither resurrect an expired record nor touch a finished one.
@@ -257,13 +285,15 @@ class JobRecord:
 class Created:
     """Outcome of `AsyncJobStore.create`: `accepted`, or why not.
 
-    Not accepted with `earlier` set: the Idempotency-Key was used before and
-    `earlier` is the value kept for it; without: the tenant is at its quota.
+    Not accepted with `wait_ms` set: over the rate limit, retry after that
+    long; with `earlier` set: the Idempotency-Key was used before and
+    `earlier` is the value kept for it; with neither: the tenant is at its quota.
     """
 
     accepted: bool
     queue_position: int | None = None
     earlier: str | None = None
+    wait_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -368,12 +398,15 @@ class AsyncJobStore:
         message: TaskMessage | None = None,
         idempotency: tuple[str, str] | None = None,
         metric: str | None = None,
+        rate: tuple[str, str, str] | None = None,
     ) -> Created:
         """Write a new job and, in the same step, push its task `message` and count `metric`.
 
         Nothing is written when the tenant already has `max_active` unfinished
         jobs, or when `idempotency` (the key's Redis name, the value to keep
-        there) names a key used before: `Created` says which.
+        there) names a key used before, or when the request is over the rate
+        limit `rate` (bucket key, ms per request, burst; counted here):
+        `Created` says which.
         """
         job_key = keys.job(record.id)
         args: list[Any] = [
@@ -385,6 +418,8 @@ class AsyncJobStore:
             idempotency[1] if idempotency else "",
             message.body if message else "",
             metric or "",
+            rate[1] if rate else "",
+            rate[2] if rate else "",
         ]
         for name, value in record.to_hash().items():
             args += [name, value]
@@ -397,12 +432,15 @@ class AsyncJobStore:
                 idempotency[0] if idempotency else job_key,
                 message.key if message else job_key,
                 keys.METRICS,
+                rate[0] if rate else job_key,
             ],
             args=args,
         )
         outcome = int(reply[0])
         if outcome == 1:
             return Created(True, queue_position=int(reply[1]))
+        if outcome == 3:
+            return Created(False, wait_ms=int(reply[1]))
         return Created(False, earlier=reply[1] if outcome == 2 else None)
 
     async def active_jobs(self, tenant: str) -> int:

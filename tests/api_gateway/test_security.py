@@ -100,6 +100,23 @@ def test_rate_limit_is_per_tenant_and_shared_by_gateway_processes(redis_server, 
     assert 0 < redis_client.pttl(keys.rate_limit("alice")) <= 8000
 
 
+def test_submits_share_the_bucket_and_a_limited_submit_writes_nothing(redis_server, redis_client):
+    from shared.queues import job_message
+
+    config = settings(redis_server, rate_limit=0.2, rate_limit_burst=3)
+    with serve(config) as url, client(url) as alice:
+        assert alice.post("/v1/jobs", json=job()).status_code == 202
+        assert alice.get("/v1/jobs").status_code == 200
+        assert alice.post("/v1/jobs", json=job()).status_code == 202
+        for limited in (alice.post("/v1/jobs", json=job()), alice.post("/v1/chat/completions", json=job())):
+            error = error_of(limited, 429)
+            assert error["code"] == "rate_limit_exceeded" and int(limited.headers["retry-after"]) >= 1
+        assert alice.get("/v1/jobs").status_code == 429
+    # Two jobs: two records, two tasks on the broker's list, two counted.
+    assert len(redis_client.zrange(keys.tenant_jobs("alice"), 0, -1)) == 2
+    assert redis_client.llen(job_message("any", MODEL, 5).key) == 2
+
+
 def test_queued_job_quota_counts_unfinished_jobs_only(redis_server, redis_client):
     with serve(settings(redis_server, max_queued_jobs=3)) as base, client(base) as alice, client(base, "bob") as bob:
         ids = [alice.post("/v1/jobs", json=job()).json()["id"] for _ in range(3)]

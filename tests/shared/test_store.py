@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from shared import keys
 from shared.schemas import JobStatus
@@ -144,7 +145,7 @@ def test_create_writes_the_job_its_task_and_its_count_in_one_step(redis_server, 
 
     async def go():
         store, client = async_store(redis_server)
-        first, second, third = record(), record(), record()
+        first, second, third = (record(created_at=time.time() + i) for i in range(3))
         idem = keys.idempotency("t", "k1")
         outcomes = [
             await store.create(first, 2, message=job_message(first.id, "m", 5), idempotency=(idem, f"d {first.id}")),
