@@ -167,6 +167,12 @@ def celery_config(settings: SharedSettings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
+        # No remote control (`celery inspect`/`control`; vlmq uses neither). Its pub/sub channel is a
+        # second broker socket: when Redis goes away (failover, kill -9) and kombu notices there first,
+        # its teardown re-reads the consumer's pending BRPOP, fails, and then raises AttributeError
+        # ('NoneType' object has no attribute 'hostname'), which Celery treats as unrecoverable: the
+        # worker exited instead of reconnecting (tests/test_sentinel.py).
+        "worker_enable_remote_control": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }

@@ -55,12 +55,18 @@ class RedisServer:
 
 
 def start_redis(
-    tmp: Path, *, port: int | None = None, persistence: tuple[str, ...] = ("--appendonly", "no"), timeout: float = 10
+    tmp: Path,
+    *,
+    port: int | None = None,
+    persistence: tuple[str, ...] = ("--appendonly", "no"),
+    extra: tuple[str, ...] = (),
+    timeout: float = 10,
 ) -> RedisServer:
-    """A redis-server on 127.0.0.1 with its data in `tmp`, once it answers PING."""
+    """A redis-server on 127.0.0.1 with its data in `tmp`, once it answers PING (`extra`: more options)."""
     port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp), *persistence]
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)]
+    args += [*persistence, *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port=port, process=proc, url=f"redis://127.0.0.1:{port}/0")
     deadline = time.time() + timeout
