@@ -106,7 +106,7 @@ end
 # (ditto when nothing is published), metrics, rate-limit bucket (ditto when none).
 # ARGV: ttl, created_at, queue score, most active jobs (0 = no limit), id,
 # Idempotency-Key value ('' = none), task message ('' = none), metrics field,
-# rate limit's ms per request ('' = none) and burst, then the hash's field/value pairs.
+# rate limit's ms per request ('' = none) and burst, the hash's field/value pairs (a JSON list).
 # Returns {1, queue position} when accepted, {0} when the tenant is at its quota
 # (nothing written), {2, the key's value} when the Idempotency-Key was used before,
 # {3, ms to wait} when the tenant is over its rate (nothing written).
@@ -131,7 +131,7 @@ if ARGV[6] ~= '' then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', created - ttl)
 if limit > 0 and redis.call('ZCARD', KEYS[4]) >= limit then return {0} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[11])))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], created, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', created - ttl)
@@ -421,8 +421,8 @@ class AsyncJobStore:
             rate[1] if rate else "",
             rate[2] if rate else "",
         ]
-        for name, value in record.to_hash().items():
-            args += [name, value]
+        # The hash as one JSON list of field/value pairs: one argument to encode, not thirty.
+        args.append(json.dumps([item for pair in record.to_hash().items() for item in pair], separators=(",", ":")))
         reply = await self._create(
             keys=[
                 job_key,
