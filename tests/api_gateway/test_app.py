@@ -181,8 +181,18 @@ def test_readiness_needs_a_worker(gateway, redis_client):
 
 def test_openapi_docs_are_served(gateway):
     assert gateway.get("/docs").status_code == 200
-    paths = gateway.get("/openapi.json").json()["paths"]
+    schema = gateway.get("/openapi.json").json()
+    paths = schema["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/chat/completions", "/v1/models"} <= set(paths)
+    # The submit route reads its key and headers itself; its operation must still say so.
+    submit = paths["/v1/jobs"]["post"]
+    assert submit["security"] == paths["/v1/jobs"]["get"]["security"] == [{"BearerKey": []}]
+    assert "BearerKey" in schema["components"]["securitySchemes"]
+    assert {(p["name"], p["in"]) for p in submit["parameters"]} == {("prefer", "header"), ("idempotency-key", "header")}
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobCreate"}
+    assert submit["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobPublic"
+    }
 
 
 def test_sync_endpoint_times_out_with_a_pointer_to_the_job(redis_server, redis_client):
