@@ -356,18 +356,24 @@ def run_celery(workload: str, model_path: Path, cache: Path, n: int, size: int, 
             url_data = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
             body["messages"][0]["content"][0]["image_url"]["url"] = url_data
             bodies.append(body)
+
+        def create(batch: list[dict[str, Any]]) -> list[str]:
+            # Written just before their tasks are sent: a job's queued time starts at its created_at.
+            made = []
+            for body in batch:
+                record = JobRecord(id=new_job_id(), tenant="bench", model=name, request=body)
+                client.hset(f"vlmq:job:{record.id}", mapping=record.to_hash())
+                made.append(record.id)
+            return made
+
         # Warm-up burst (graphs, processor copies, task threads), not counted.
-        warm = min(len(bodies), 32)
-        ids = []
-        for body in bodies[:warm] + bodies:
-            record = JobRecord(id=new_job_id(), tenant="bench", model=name, request=body)
-            client.hset(f"vlmq:job:{record.id}", mapping=record.to_hash())
-            ids.append(record.id)
-        for job_id in ids[:warm]:
+        warm_ids = create(bodies[: min(len(bodies), 32)])
+        for job_id in warm_ids:
             celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_name(name))
-        _wait_jobs(store, ids[:warm])
+        _wait_jobs(store, warm_ids)
+        ids = create(bodies)
         started = time.time()
-        for job_id in ids[warm:]:
+        for job_id in ids:
             celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_name(name))
         profiler = None
         if os.environ.get("VLMQ_BENCH_PYSPY"):  # sample the worker while it runs the burst
@@ -389,7 +395,7 @@ def run_celery(workload: str, model_path: Path, cache: Path, n: int, size: int, 
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-        records = _wait_jobs(store, ids[warm:])
+        records = _wait_jobs(store, ids)
         elapsed = time.time() - started
         if profiler is not None:
             profiler.wait(30)
