@@ -121,11 +121,13 @@ async def closed_loop(base_url: str, seconds: float, connections: int) -> dict:
     return {"connections": connections, **summary(latencies, errors, elapsed)}
 
 
-async def open_loop(base_url: str, seconds: float, rate: float, connections: int) -> dict:
+async def open_loop(base_url: str, seconds: float, rate: float, connections: int, warmup: float = 2.0) -> dict:
     """Submits arrive at `rate` per second whatever the replies do, as independent clients would.
 
     A submit's latency runs from when it was due, so time spent waiting for a
-    free connection (the gateway falling behind) counts against it.
+    free connection (the gateway falling behind) counts against it. The first
+    `warmup` seconds at the rate are sent but not counted (the gateway's new
+    connections, its Redis pool growing to match).
     """
     raw = submit_request(base_url)
     idle: asyncio.Queue[Connection] = asyncio.Queue()
@@ -137,13 +139,16 @@ async def open_loop(base_url: str, seconds: float, rate: float, connections: int
     async def one(due: float) -> None:
         conn = await idle.get()
         status = await conn.request(raw)
-        latencies.append((time.perf_counter() - due) * 1000)
         idle.put_nowait(conn)
+        if due < counted_from:
+            return
+        latencies.append((time.perf_counter() - due) * 1000)
         if status != 202:
             errors[str(status)] = errors.get(str(status), 0) + 1
 
-    total = int(seconds * rate)
+    total = int((warmup + seconds) * rate)
     started = time.perf_counter()
+    counted_from = started + warmup
     tasks, sent = [], 0
     while sent < total:
         now = time.perf_counter()
@@ -153,7 +158,7 @@ async def open_loop(base_url: str, seconds: float, rate: float, connections: int
             sent += 1
         await asyncio.sleep(max(0.0, started + sent / rate - time.perf_counter()))
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - counted_from
     while not idle.empty():
         idle.get_nowait().writer.close()
     return {"offered_per_s": rate, "connections": connections, **summary(latencies, errors, elapsed)}
