@@ -1,6 +1,7 @@
 """Chaos scenarios on the real stack: processes killed with SIGKILL, Redis
-stopped and restarted, a webhook receiver that is down. Everything runs on
-127.0.0.1: redis-server, the gateway, Celery workers and the webhook worker
+stopped (SIGTERM), killed (SIGKILL) or crashed (SIGKILL and the AOF's last
+second cut off) and restarted, a webhook receiver that is down. Everything
+runs on 127.0.0.1: redis-server, the gateway, Celery workers and the webhook worker
 as subprocesses, and a receiver that verifies every message with the
 `standardwebhooks` library.
 
@@ -9,6 +10,8 @@ The test suite runs each scenario small (tests/test_chaos.py);
 
     python -m tests.chaos kill --jobs 200 --kills 5
     python -m tests.chaos redis --jobs 100
+    python -m tests.chaos redis-kill --jobs 100
+    python -m tests.chaos redis-crash --jobs 100
     python -m tests.chaos webhooks --jobs 50 --down 180
 """
 
@@ -18,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -260,8 +264,14 @@ def kill_workers(
         redis_server.process.terminate()
 
 
-def restart_redis(model_cache: Path, workdir: Path, jobs: int, down: float, tokens: int = 200) -> dict[str, Any]:
-    """Stop Redis (AOF on) while jobs are queued and running, start it again: none lost."""
+def restart_redis(
+    model_cache: Path, workdir: Path, jobs: int, down: float, tokens: int = 200, how: str = "term"
+) -> dict[str, Any]:
+    """Stop Redis (AOF on) while jobs are queued and running, start it again on the same port
+    and data: none lost. `how`: "term", a clean stop; "kill", SIGKILL; "crash", SIGKILL and the
+    AOF cut back to its size a second earlier, what a host crash can leave under everysec."""
+    if how not in ("term", "kill", "crash"):
+        raise ValueError(f"how: 'term', 'kill' or 'crash', not {how!r}")
     data = workdir / "redis"
     redis_server = start_redis_aof(data)
     servers = [redis_server]
@@ -270,12 +280,27 @@ def restart_redis(model_cache: Path, workdir: Path, jobs: int, down: float, toke
     try:
         cluster.start(workers=1, concurrency=4, webhooks=False)
         ids = submit_all(cluster.base_url, [job_body(tokens) for _ in range(jobs)])
+        accepted = time.time()
         store = redis_server.client()
         wait_for(lambda: store.zcard(keys.RUNNING) >= 2, 60, "jobs running")
-        statuses = collections.Counter(store.hget(keys.job(i), "status") for i in ids)
-        redis_server.process.send_signal(signal.SIGTERM)  # a clean stop: Redis fsyncs the AOF on the way out
+        aof = aof_file(data)
+        if how == "term":
+            statuses = statuses_of(store, ids)
+            redis_server.process.send_signal(signal.SIGTERM)  # a clean stop: Redis fsyncs the AOF on the way out
+        else:
+            # With appendfsync everysec a crash can lose the last second of writes, and with them
+            # a 202 answered in it (README, Reliability); jobs accepted before must all survive.
+            # So: from half a second after the last 202, wait for a second in which a job
+            # finished (its writes are the ones at risk), and kill Redis at its end.
+            mark, statuses = second_with_a_finish(store, aof, ids, after=accepted + 0.5)
+            redis_server.process.kill()
         redis_server.process.wait(30)
         outage_started = time.time()
+        dropped = 0
+        if how == "crash":  # what was written but not yet fsynced is gone too
+            dropped = aof.stat().st_size - mark
+            os.truncate(aof, mark)
+        kept = statuses_kept(data, workdir / "redis-kept", ids)
         with httpx.Client(base_url=cluster.base_url, headers=AUTH, timeout=30) as client:
             during = client.post("/v1/jobs", json=job_body(4))
         time.sleep(max(0.0, down - (time.time() - outage_started)))
@@ -283,19 +308,71 @@ def restart_redis(model_cache: Path, workdir: Path, jobs: int, down: float, toke
         back = time.time()
         finished = finished_jobs(cluster.base_url, ids, timeout=240)
         return {
+            "how": how,
             "jobs": jobs,
-            "at_stop": dict(statuses),
+            "at_stop": dict(collections.Counter(statuses.values())),
+            "kept_by_aof": dict(collections.Counter(kept.values())),
+            "status_changes_lost": sum(_progress(kept[i]) < _progress(statuses[i]) for i in ids),
+            "aof_bytes_dropped": dropped,
             "down_seconds": round(back - outage_started, 1),
             "submit_while_down": [during.status_code, during.json()["error"]["type"]],
             "succeeded": sum(j["status"] == "succeeded" and j["result"] is not None for j in finished),
             "statuses": dict(collections.Counter(j["status"] for j in finished)),
             "seconds_to_finish_after_restart": round(time.time() - back, 1),
+            "jobs_run_more_than_once": sum(j["attempts"] > 1 for j in finished),
+            "taken_back_by_own_reaper": cluster.worker_logs().count("which no longer runs it; queued again"),
+            "processes_exited": sorted(name for name, proc in cluster.processes.items() if proc.poll() is not None),
         }
     finally:
         cluster.stop()
         for server in servers:
             if server.process.poll() is None:
                 server.process.terminate()
+
+
+def _progress(status: str | None) -> int:
+    return {None: -1, "queued": 0, "running": 1}.get(status, 2)
+
+
+def statuses_of(store: Any, ids: list[str]) -> dict[str, str | None]:
+    with store.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "status")
+        return dict(zip(ids, pipe.execute(), strict=True))
+
+
+def aof_file(data: Path) -> Path:
+    """The file Redis appends to now (Redis 7: appendonlydir/*.incr.aof; before: appendonly.aof)."""
+    found = list(data.glob("appendonlydir/*.incr.aof")) or [data / "appendonly.aof"]
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def second_with_a_finish(
+    store: Any, aof: Path, ids: list[str], after: float, timeout: float = 60
+) -> tuple[int, dict[str, str | None]]:
+    """A second, from `after` on, in which a job succeeded with others still running and queued:
+    the AOF's size at its start, and the statuses at its end."""
+    time.sleep(max(0.0, after - time.time()))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        mark, before = aof.stat().st_size, collections.Counter(statuses_of(store, ids).values())
+        time.sleep(1.0)
+        statuses = statuses_of(store, ids)
+        now = collections.Counter(statuses.values())
+        if now["succeeded"] > before["succeeded"] and now["running"] >= 2 and now["queued"] >= 1:
+            return mark, statuses
+    raise AssertionError("no job finished while others were running and queued")
+
+
+def statuses_kept(data: Path, copy: Path, ids: list[str]) -> dict[str, str | None]:
+    """The job statuses a stopped Redis's AOF holds, read from a copy of it on another port."""
+    shutil.copytree(data, copy)
+    server = start_redis_aof(copy)
+    try:
+        return statuses_of(server.client(), ids)
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
 
 
 def webhook_outage(model_cache: Path, workdir: Path, jobs: int, down: float, schedule: str) -> dict[str, Any]:
@@ -351,6 +428,10 @@ def main() -> None:
     red = sub.add_parser("redis")
     red.add_argument("--jobs", type=int, default=100)
     red.add_argument("--down", type=float, default=10.0)
+    for name in ("redis-kill", "redis-crash"):
+        red_kill = sub.add_parser(name)
+        red_kill.add_argument("--jobs", type=int, default=100)
+        red_kill.add_argument("--down", type=float, default=10.0)
     hooks = sub.add_parser("webhooks")
     hooks.add_argument("--jobs", type=int, default=50)
     hooks.add_argument("--down", type=float, default=180.0)
@@ -366,8 +447,9 @@ def main() -> None:
         threading.current_thread().name = args.scenario
         if args.scenario == "kill":
             result = kill_workers(cache, work, args.jobs, args.kills)
-        elif args.scenario == "redis":
-            result = restart_redis(cache, work, args.jobs, args.down)
+        elif args.scenario.startswith("redis"):
+            how = {"redis": "term", "redis-kill": "kill", "redis-crash": "crash"}[args.scenario]
+            result = restart_redis(cache, work, args.jobs, args.down, how=how)
         else:
             result = webhook_outage(cache, work, args.jobs, args.down, args.schedule)
         print(json.dumps({"scenario": args.scenario, **result}, indent=2))

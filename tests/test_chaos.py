@@ -41,6 +41,24 @@ def test_redis_stopped_and_restarted_with_aof_loses_no_job(model_cache, tmp_path
     assert result["succeeded"] == 16, result
 
 
+def test_redis_killed_and_restarted_with_aof_loses_no_job_accepted_a_second_before(model_cache, tmp_path):
+    result = restart_redis(model_cache, tmp_path, jobs=16, down=3.0, tokens=600, how="kill")
+    print(result)
+    assert result["at_stop"].get("running", 0) >= 2 and result["at_stop"].get("queued", 0) >= 1, result
+    assert result["submit_while_down"] == [503, "service_unavailable"], result
+    assert result["succeeded"] == 16 and result["processes_exited"] == [], result
+
+
+def test_a_host_crash_that_loses_redis_last_second_loses_no_job_accepted_before(model_cache, tmp_path):
+    # The AOF is cut back by its last second, in which a job finished: its result and others'
+    # starts are lost. The reaper takes back jobs left running on their (live) worker.
+    result = restart_redis(model_cache, tmp_path, jobs=16, down=3.0, tokens=600, how="crash")
+    print(result)
+    assert result["at_stop"].get("running", 0) >= 2 and result["at_stop"].get("queued", 0) >= 1, result
+    assert result["status_changes_lost"] >= 1, result
+    assert result["succeeded"] == 16 and result["processes_exited"] == [], result
+
+
 def test_webhooks_wait_out_a_receiver_that_is_down(model_cache, tmp_path):
     result = webhook_outage(model_cache, tmp_path, jobs=10, down=6.0, schedule="0.5,1,2,4,8")
     print(result)
@@ -136,6 +154,45 @@ def test_reaper_requeues_a_dead_workers_job_once_and_fails_it_after_max_attempts
     queued = [k for k in redis_client.keys(f"vlmq.model.{MODEL}*") if redis_client.type(k) == "list"]
     assert sum(redis_client.llen(k) for k in queued) == len(published)
     assert redis_client.zrange(keys.RUNNING, 0, -1) == ["job_b"]
+
+
+def test_reaper_takes_back_a_job_left_running_in_its_own_name_that_its_runner_is_not_running(redis_client):
+    # Redis lost a finished job's last transition: the job says running on this live worker, which is not running it.
+    store = JobStore(redis_client, 600)
+    now = time.time()
+    jobs = {"orphan": ("me", now - 60), "busy": ("me", now - 60), "starting": ("me", now), "restarted": ("me", now + 3)}
+    for job_id, (worker, started_at) in {**jobs, "elsewhere": ("other", now - 60)}.items():
+        redis_client.hset(
+            keys.job(job_id), mapping=JobRecord(id=job_id, tenant="alice", model=MODEL, request={}).to_hash()
+        )
+        fields = {"worker": worker, "started_at": started_at}
+        assert store.transition(job_id, (JobStatus.queued,), JobStatus.running, fields, count_attempt=True).applied
+    for name in ("me", "other"):
+        redis_client.set(keys.worker(name), "{}", ex=60)
+    published: list[str] = []
+    running_here = {"busy"}
+
+    def reaper(name: str, running: set[str]) -> Reaper:
+        return Reaper(
+            store,
+            lambda record: published.append(record.id),
+            lambda record, event: None,
+            max_attempts=3,
+            heartbeat_seconds=1,
+            worker_name=name,
+            running_ids=lambda: frozenset(running),
+        )
+
+    mine, other = reaper("me", running_here), reaper("other", {"elsewhere"})
+    assert mine.reap_once(now) == [] and other.reap_once(now) == []  # first sight: only suspects
+    running_here.add("starting")  # between its transition and the runner recording it at the first look
+    assert other.reap_once(now + 3.5) == []  # its holder is alive: not another worker's business
+    # "restarted" was run again here since the first look (started 0.5 s ago): not yet.
+    assert mine.reap_once(now + 3.5) == ["orphan"] and published == ["orphan"]
+    orphan = store.get("orphan")
+    assert orphan.status is JobStatus.queued and orphan.attempts == 1
+    assert all(store.get(j).status is JobStatus.running for j in ("busy", "starting", "restarted", "elsewhere"))
+    assert sorted(redis_client.zrange(keys.RUNNING, 0, -1)) == ["busy", "elsewhere", "restarted", "starting"]
 
 
 def test_a_worker_with_another_visibility_timeout_refuses_to_start(redis_client):

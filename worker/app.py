@@ -98,6 +98,8 @@ class WorkerResources:
             self.runner.announce,
             max_attempts=self.settings.max_attempts,
             heartbeat_seconds=self.settings.heartbeat_seconds,
+            worker_name=self.settings.worker_name,
+            running_ids=self.runner.running_ids,
         ).start()
 
     def stop(self) -> None:

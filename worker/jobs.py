@@ -98,6 +98,10 @@ class JobRunner:
             stop.set()
         return [job_id for job_id, _ in running]
 
+    def running_ids(self) -> frozenset[str]:
+        """The jobs this process is running now (recorded just after their transition to running)."""
+        return frozenset(self._running)
+
     def run(self, job_id: str) -> None:
         record = self.store.get(job_id)
         if record is None:
@@ -249,6 +253,11 @@ class JobRunner:
             if done.applied:
                 self.announce(done.record, WebhookEvent.completed)
                 return
+            if done.status is JobStatus.queued:
+                # Set back to queued while it ran here: a reaper took it back, or Redis lost our
+                # transition to running (a crash under appendfsync everysec). Acking this task
+                # could leave it queued with no message: retry instead (an extra one is harmless).
+                raise RetryLater(defer=0.5, cause=TransientError(f"job {record.id} was queued again while it ran"))
         self._hand_back_if_draining(record)
         # Cancelled while it ran: keep what was generated (the partial text) on the cancelled job.
         self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, fields)

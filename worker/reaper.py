@@ -15,6 +15,15 @@ The second look is what keeps a Redis restart from reaping live workers:
 their heartbeat keys may have expired while Redis was down, and they write
 them again within one period of it coming back.
 
+A job can also be orphaned on a live worker: if Redis loses its last second
+of writes (a host crash under `appendfsync everysec`), a job the worker
+finished may come back `running` on it. Its heartbeat is alive, so no other
+reaper touches it, and a redelivered message on another worker defers to the
+holder as long as it lives. So each reaper also takes back jobs held in its
+own name that its runner is not running, seen so on two scans a grace apart
+and started at least a grace ago (which also covers the moment between a
+job's transition to running and the runner recording it).
+
 The message is published *before* the job is set back, so a crash between
 the two leaves an extra message (which finds the job running on a live
 worker, or finished, and does nothing) rather than a queued job without one.
@@ -27,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from shared import keys
@@ -49,8 +58,13 @@ class Reaper:
         *,
         max_attempts: int,
         heartbeat_seconds: float,
+        worker_name: str = "",
+        running_ids: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._store = store
+        # This worker's name and the jobs its runner is running now: its own orphans.
+        self._me = worker_name
+        self._running_ids = running_ids
         self._publish = publish
         self._announce = announce
         self._max_attempts = max_attempts
@@ -79,10 +93,14 @@ class Reaper:
                 pipe.hget(keys.job(job_id), "worker")
             holders = pipe.execute()
         alive = _alive(redis, {h for h in holders if h})
+        mine = self._running_ids()
         reaped = []
         seen = set()
         for job_id, holder in zip(ids, holders, strict=True):
-            if holder and holder in alive:
+            own = bool(self._me) and holder == self._me
+            if own and job_id in mine:
+                continue
+            if not own and holder and holder in alive:
                 continue
             seen.add(job_id)
             first = self._missing_since.setdefault(job_id, now)
@@ -91,13 +109,18 @@ class Reaper:
             record = self._store.get(job_id)
             if record is None:
                 redis.zrem(keys.RUNNING, job_id)
-            elif record.status is JobStatus.running and record.worker == holder and self._take_back(record):
+                continue
+            if record.status is not JobStatus.running or record.worker != holder:
+                continue
+            if own and (job_id in self._running_ids() or now - (record.started_at or 0) < self.grace):
+                continue  # this worker (re)started it since the first look
+            if self._take_back(record, "which no longer runs it" if own else "which died"):
                 reaped.append(job_id)
         # Forget jobs that are no longer suspect (finished, taken back, or their worker returned).
         self._missing_since = {k: v for k, v in self._missing_since.items() if k in seen and k not in reaped}
         return reaped
 
-    def _take_back(self, record: JobRecord) -> bool:
+    def _take_back(self, record: JobRecord, why: str) -> bool:
         holder = record.worker or ""
         if record.attempts >= self._max_attempts:
             moved = self._store.transition(
@@ -116,7 +139,7 @@ class Reaper:
             record.id, (JobStatus.running,), JobStatus.queued, {"tokens_generated": 0}, expect_worker=holder
         )
         if moved.applied:
-            log.warning("reaper: job %s was running on %s, which died; queued again", record.id, holder)
+            log.warning("reaper: job %s was running on %s, %s; queued again", record.id, holder, why)
         return moved.applied
 
     def _run(self) -> None:

@@ -159,3 +159,35 @@ def test_a_cancelled_running_job_stops_and_keeps_its_partial_text(runner, redis_
     assert 3 <= cancelled.result["usage"]["completion_tokens"] < 3000
     assert announced(redis_client, record.id) == ["started", "cancelled"]
     assert '"finish_reason":"cancelled"' in DeliveryStore(redis_client, 3600, 30).get(f"msg_{record.id}_cancelled").body
+
+
+def test_a_job_whose_transition_to_running_redis_lost_is_retried_not_dropped(runner, redis_client):
+    # A Redis crash (appendfsync everysec) lost the job's transition to running but not its
+    # task's delivery: the record says queued while this worker runs it. Acking the task
+    # would leave the job queued with no message.
+    record = put_job(redis_client, max_tokens=400, min_tokens=400)
+    before = redis_client.hgetall(keys.job(record.id))
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            runner.run(record.id)
+            outcome.append("acked")
+        except RetryLater:
+            outcome.append("retried")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not (runner.store.get(record.id).tokens_generated or 0) >= 3:
+        time.sleep(0.02)
+    redis_client.delete(keys.job(record.id))
+    redis_client.hset(keys.job(record.id), mapping=before)
+    redis_client.zrem(keys.RUNNING, record.id)
+    thread.join(30)
+    assert outcome == ["retried"]
+    again = runner.store.get(record.id)
+    assert again.status is JobStatus.queued and again.result is None
+    runner.run(record.id)  # the retry
+    done = runner.store.get(record.id)
+    assert done.status is JobStatus.succeeded and done.attempts == 1
