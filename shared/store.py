@@ -35,8 +35,8 @@ from shared.schemas import (
 )
 
 # KEYS: job, its events channel, the running index. ARGV: allowed statuses,
-# new status, ttl, count attempt (1/0), now, expected worker ('' = any), then
-# field/value pairs. The expected worker makes "take a dead worker's job back"
+# new status, ttl, count attempt (1/0), now, expected worker ('' = any), leave
+# the request out of the reply (1/0), then field/value pairs. The expected worker makes "take a dead worker's job back"
 # a compare-and-set: of two processes that both saw it, one wins.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -47,7 +47,7 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
 end
 if not allowed then return {0, cur, {}} end
 if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[6] then return {0, cur, {}} end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -79,7 +79,18 @@ if ARGV[2] ~= 'queued' and ARGV[2] ~= 'running' then
   end
 end
 redis.call('PUBLISH', KEYS[2], ARGV[2])
-return {1, ARGV[2], redis.call('HGETALL', KEYS[1])}
+local flat = redis.call('HGETALL', KEYS[1])
+if ARGV[7] == '1' then
+  local kept = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= 'request' then
+      kept[#kept + 1] = flat[i]
+      kept[#kept + 1] = flat[i + 1]
+    end
+  end
+  flat = kept
+end
+return {1, ARGV[2], flat}
 """
 
 # A Lua function: GCRA, the token bucket of the per-tenant rate limit. `key` holds the
@@ -316,6 +327,7 @@ def _transition_args(
     fields: Mapping[str, Any],
     count_attempt: bool,
     expect_worker: str | None = None,
+    omit_request: bool = False,
 ) -> list[str]:
     args = [
         ",".join(s.value for s in allowed),
@@ -324,6 +336,7 @@ def _transition_args(
         "1" if count_attempt else "0",
         repr(time.time()),
         expect_worker or "",
+        "1" if omit_request else "0",
     ]
     for name, value in fields.items():
         args.append(name)
@@ -338,11 +351,13 @@ def _transition_keys(job_id: str) -> list[str]:
     return [keys.job(job_id), keys.job_events(job_id), keys.RUNNING, keys.METRICS]
 
 
-def _transition_result(reply: list[Any]) -> Transition:
+def _transition_result(reply: list[Any], request: dict[str, Any] | None = None) -> Transition:
     applied, status, flat = int(reply[0]), reply[1], reply[2]
     if isinstance(status, bytes):
         status = status.decode()
     record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+    if record is not None and request is not None:
+        record.request = request
     return Transition(bool(applied), JobStatus(status) if status else None, record)
 
 
@@ -359,6 +374,10 @@ class JobStore:
         raw = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(raw) if raw else None
 
+    def status(self, job_id: str) -> JobStatus | None:
+        raw = self.redis.hget(keys.job(job_id), "status")
+        return JobStatus(raw) if raw else None
+
     def set_progress(self, job_id: str, tokens_generated: int) -> bool:
         return bool(self._progress(keys=[keys.job(job_id)], args=[str(tokens_generated)]))
 
@@ -371,10 +390,19 @@ class JobStore:
         *,
         count_attempt: bool = False,
         expect_worker: str | None = None,
+        request: dict[str, Any] | None = None,
     ) -> Transition:
-        """Move the job if its status is one of `allowed` (and, given `expect_worker`, that worker holds it)."""
-        args = _transition_args(allowed, to, self.result_ttl, fields or {}, count_attempt, expect_worker)
-        return _transition_result(self._transition(keys=_transition_keys(job_id), args=args))
+        """Move the job if its status is one of `allowed` (and, given `expect_worker`, that worker holds it).
+
+        A job's request is written when it is created and never changes; a
+        caller that holds it already passes it as `request`, and the record
+        returned carries it without Redis sending it again (with inline media
+        it is most of the record, and parsing it holds the GIL).
+        """
+        args = _transition_args(
+            allowed, to, self.result_ttl, fields or {}, count_attempt, expect_worker, request is not None
+        )
+        return _transition_result(self._transition(keys=_transition_keys(job_id), args=args), request)
 
     def running(self) -> list[str]:
         """Ids of the jobs marked running now, on any worker."""

@@ -137,6 +137,7 @@ class JobRunner:
                 fields,
                 count_attempt=True,
                 expect_worker=record.worker if record.status is JobStatus.running else None,
+                request=record.request,
             )
             if not moved.applied or moved.record is None:
                 return
@@ -155,7 +156,7 @@ class JobRunner:
                     self._fail(job_id, exc)
                 else:
                     back = self.store.transition(
-                        job_id, (JobStatus.running,), JobStatus.queued, {"error": exc.to_body()}
+                        job_id, (JobStatus.running,), JobStatus.queued, {"error": exc.to_body()}, request=record.request
                     )
                     if back.applied:
                         raise RetryLater(defer=self._defer(2.0**attempt), cause=exc) from None
@@ -198,11 +199,14 @@ class JobRunner:
     def _expire(self, record: JobRecord) -> None:
         error = JobExpiredError.for_ttl(round((record.expires_at or 0) - record.created_at))
         fields = {"completed_at": time.time(), "error": error.to_body()}
-        moved = self.store.transition(record.id, (JobStatus.queued,), JobStatus.expired, fields)
+        moved = self.store.transition(record.id, (JobStatus.queued,), JobStatus.expired, fields, request=record.request)
         if moved.applied:
             self.announce(moved.record, WebhookEvent.expired)
 
     def _announce_if_cancelled(self, job_id: str) -> None:
+        # The status alone first: this runs after every job, and the whole record can be megabytes.
+        if self.store.status(job_id) is not JobStatus.cancelled:
+            return
         record = self.store.get(job_id)
         if record is not None and record.status is JobStatus.cancelled:
             self.announce(record, WebhookEvent.cancelled)
@@ -222,7 +226,11 @@ class JobRunner:
         if cancelled.is_set():
             self._hand_back_if_draining(record)
             self.store.transition(
-                record.id, (JobStatus.cancelled,), JobStatus.cancelled, {"timings": timings, "cache": cache}
+                record.id,
+                (JobStatus.cancelled,),
+                JobStatus.cancelled,
+                {"timings": timings, "cache": cache},
+                request=record.request,
             )
             return
         generation = self._generate(record.id, prepared)
@@ -249,6 +257,7 @@ class JobRunner:
                 (JobStatus.running,),
                 JobStatus.succeeded,
                 {**fields, "completed_at": time.time(), "error": {}},
+                request=record.request,
             )
             if done.applied:
                 self.announce(done.record, WebhookEvent.completed)
@@ -260,7 +269,7 @@ class JobRunner:
                 raise RetryLater(defer=0.5, cause=TransientError(f"job {record.id} was queued again while it ran"))
         self._hand_back_if_draining(record)
         # Cancelled while it ran: keep what was generated (the partial text) on the cancelled job.
-        self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, fields)
+        self.store.transition(record.id, (JobStatus.cancelled,), JobStatus.cancelled, fields, request=record.request)
 
     def _hand_back_if_draining(self, record: JobRecord) -> None:
         """Stopped by `drain`, not by a cancel: back to the queue, without spending an attempt."""
@@ -268,7 +277,12 @@ class JobRunner:
             return
         fields = {"attempts": max(0, record.attempts - 1), "tokens_generated": 0}
         back = self.store.transition(
-            record.id, (JobStatus.running,), JobStatus.queued, fields, expect_worker=self.settings.worker_name
+            record.id,
+            (JobStatus.running,),
+            JobStatus.queued,
+            fields,
+            expect_worker=self.settings.worker_name,
+            request=record.request,
         )
         if back.applied:
             log.warning("job %s handed back: this worker is shutting down", record.id)

@@ -168,3 +168,30 @@ def test_create_writes_the_job_its_task_and_its_count_in_one_step(redis_server, 
     assert sorted(tasks) == sorted([repr([first.id]), repr([second.id])])
     assert redis_client.hget(keys.METRICS, metric) == "1"
     assert redis_client.get(keys.idempotency("t", "k1")) == f"d {first.id}"
+
+
+def test_a_caller_holding_the_request_is_not_sent_it_again(redis_server, redis_client):
+    r = record()
+    r.request["messages"] = [{"role": "user", "content": "x" * 100_000}]
+
+    async def create():
+        store, client = async_store(redis_server)
+        await store.create(r)
+        await client.aclose()
+
+    asyncio.run(create())
+    store = JobStore(redis_client, result_ttl=100)
+    replies = []
+    script = store._transition
+
+    def spy(**kwargs):
+        replies.append(script(**kwargs))
+        return replies[-1]
+
+    store._transition = spy
+    moved = store.transition(r.id, [JobStatus.queued], JobStatus.running, request=r.request)
+    assert moved.record.request == r.request  # the caller's, given back
+    assert "request" not in replies[-1][2] and sum(len(str(v)) for v in replies[-1][2]) < 2_000  # Redis left it out
+    full = store.transition(r.id, [JobStatus.running], JobStatus.succeeded)
+    assert "request" in replies[-1][2] and full.record.request == r.request
+    assert store.get(r.id).request == r.request and store.status(r.id) is JobStatus.succeeded
