@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--celery", action="store_true", help="also run through a real Redis + Celery worker")
+    parser.add_argument("--celery-requests", type=int, default=None, help="jobs through Celery (default: 128 or fewer)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baselines (engine only)")
     parser.add_argument("--profile", action="store_true", help="time the engine's parts one by one")
     args = parser.parse_args(argv)
@@ -609,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
-        result.update(run_celery(args.workload, model.path, args.cache, min(n, 128), size, max_tokens))
+        jobs = args.celery_requests or min(n, 128)
+        result.update(run_celery(args.workload, model.path, args.cache, jobs, size, max_tokens))
         print(
             f"through celery: {result['celery_req_s']:.2f} req/s, overhead p50 {result['celery_overhead_p50_ms']} ms "
             f"(p50 queued {result['celery_queued_ms_p50']} ms, media {result['celery_media_ms_p50']} ms, "
