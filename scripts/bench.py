@@ -455,6 +455,8 @@ def write_results(result: dict[str, Any], out_dir: Path, path: Path | None = Non
     rows = []
     for file in sorted(out_dir.glob("*.json")):
         r = json.loads(file.read_text())
+        if "engine_req_s" not in r:
+            continue  # another benchmark's record (scripts/bench-cache writes beside these)
         rows.append(
             "| "
             + " | ".join(
@@ -473,7 +475,7 @@ def write_results(result: dict[str, Any], out_dir: Path, path: Path | None = Non
                     f"{r.get('engine_slots', '-')} x {r.get('engine_max_model_len', '-')}",
                     f"{r['gpu_mem_gib']:.1f}",
                     _fmt(r.get("agreement", {}).get("prefix_agreement")),
-                    _fmt(r.get("celery_req_s")),
+                    _fmt(r.get("celery_req_s")) + (f" ({r['celery_jobs']} jobs)" if r.get("celery_jobs") else ""),
                 ]
             )
             + " |"
