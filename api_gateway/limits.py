@@ -2,9 +2,9 @@
 
 The rate is a GCRA token bucket kept in Redis (one key per tenant, written
 by one script using Redis's own clock), so it holds across every gateway
-process and host; a submit is counted by the script that accepts the job
-(`AsyncJobStore.create`), any other request by its own; the queued-job quota lives with the job store
-(`AsyncJobStore.create`). The body limit is an ASGI middleware: a declared
+process and host. A submit is counted by the script that accepts the job
+(`AsyncJobStore.create`), any other request by its own; the queued-job quota
+is checked by that same script. The body limit is an ASGI middleware: a declared
 Content-Length over the limit is refused before a byte is read, and a
 chunked body is counted as it streams.
 """

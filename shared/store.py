@@ -36,8 +36,9 @@ from shared.schemas import (
 
 # KEYS: job, its events channel, the running index. ARGV: allowed statuses,
 # new status, ttl, count attempt (1/0), now, expected worker ('' = any), leave
-# the request out of the reply (1/0), then field/value pairs. The expected worker makes "take a dead worker's job back"
-# a compare-and-set: of two processes that both saw it, one wins.
+# the request out of the reply (1/0), then field/value pairs. The expected
+# worker makes "take a dead worker's job back" a compare-and-set: of two
+# processes that both saw it, one wins.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, '', {}} end
@@ -122,10 +123,10 @@ end
 # (nothing written), {2, the key's value} when the Idempotency-Key was used before,
 # {3, ms to wait} when the tenant is over its rate (nothing written).
 # The rate is checked first (a replay is a request too), then the key, so a
-# replay is answered even at the quota; the
-# quota check and the write are one step, so parallel submits cannot overshoot
-# it; the task goes on the broker's list with the record, so a job is never
-# written without its task nor its task sent without the job.
+# replay is answered even at the quota; the quota check and the write are one
+# step, so parallel submits cannot overshoot it; the task goes on the broker's
+# list with the record, so a job is never written without its task nor its
+# task sent without the job.
 _CREATE = (
     GCRA_FUNCTION
     + """
@@ -474,14 +475,6 @@ class AsyncJobStore:
     async def active_jobs(self, tenant: str) -> int:
         """The tenant's jobs not finished yet (queued or running)."""
         return int(await self.redis.zcard(keys.tenant_active(tenant)))
-
-    async def delete(self, record: JobRecord) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.job(record.id))
-            pipe.zrem(keys.tenant_jobs(record.tenant), record.id)
-            pipe.zrem(keys.queued(queue_name(record.model)), record.id)
-            pipe.zrem(keys.tenant_active(record.tenant), record.id)
-            await pipe.execute()
 
     async def queue_position(self, record: JobRecord) -> int | None:
         """Queued jobs ahead of this one in its model's queue (0 = next), or None when not queued."""

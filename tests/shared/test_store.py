@@ -23,6 +23,18 @@ def async_store(redis_server) -> tuple[AsyncJobStore, object]:
     return AsyncJobStore(client, result_ttl=3600), client
 
 
+def create(redis_server, *records: JobRecord) -> None:
+    """Write `records` through the gateway's asyncio store."""
+
+    async def go() -> None:
+        store, client = async_store(redis_server)
+        for r in records:
+            await store.create(r)
+        await client.aclose()
+
+    asyncio.run(go())
+
+
 def test_create_get_and_ttls(redis_server, redis_client):
     async def go():
         store, client = async_store(redis_server)
@@ -40,13 +52,8 @@ def test_create_get_and_ttls(redis_server, redis_client):
 
 
 def test_transitions_are_guarded_and_published(redis_server, redis_client):
-    async def create(r):
-        store, client = async_store(redis_server)
-        await store.create(r)
-        await client.aclose()
-
     r = record()
-    asyncio.run(create(r))
+    create(redis_server, r)
     store = JobStore(redis_client, result_ttl=100)
     pubsub = redis_client.pubsub()
     pubsub.subscribe(keys.job_events(r.id))
@@ -92,19 +99,13 @@ def test_list_newest_first_with_cursor(redis_server, redis_client):
 def test_the_queue_index_holds_exactly_the_queued_jobs_in_broker_order(redis_server, redis_client):
     from shared.catalog import queue_name
 
-    async def create(*records):
-        store, client = async_store(redis_server)
-        for r in records:
-            await store.create(r)
-        await client.aclose()
-
     def made(priority: int, at: float) -> JobRecord:
         r = record(created_at=at)
         r.request["priority"] = priority
         return r
 
     old_low, new_urgent, old_mid, new_mid = made(1, 10.0), made(9, 40.0), made(5, 20.0), made(5, 30.0)
-    asyncio.run(create(old_low, new_urgent, old_mid, new_mid))
+    create(redis_server, old_low, new_urgent, old_mid, new_mid)
     index = keys.queued(queue_name("m"))
     assert redis_client.zrange(index, 0, -1) == [new_urgent.id, old_mid.id, new_mid.id, old_low.id]
 
@@ -120,13 +121,8 @@ def test_the_queue_index_holds_exactly_the_queued_jobs_in_broker_order(redis_ser
 
 
 def test_progress_is_written_only_while_running(redis_server, redis_client):
-    async def create(r):
-        store, client = async_store(redis_server)
-        await store.create(r)
-        await client.aclose()
-
     r = record()
-    asyncio.run(create(r))
+    create(redis_server, r)
     store = JobStore(redis_client, result_ttl=100)
     assert not store.set_progress(r.id, 3)
     store.transition(r.id, [JobStatus.queued], JobStatus.running)
@@ -174,12 +170,7 @@ def test_a_caller_holding_the_request_is_not_sent_it_again(redis_server, redis_c
     r = record()
     r.request["messages"] = [{"role": "user", "content": "x" * 100_000}]
 
-    async def create():
-        store, client = async_store(redis_server)
-        await store.create(r)
-        await client.aclose()
-
-    asyncio.run(create())
+    create(redis_server, r)
     store = JobStore(redis_client, result_ttl=100)
     replies = []
     script = store._transition
